@@ -1,0 +1,7 @@
+//! bst-artifact-server: an artifact and source cache for BuildStream and any Remote
+//! Execution API client. The binary is a thin wrapper around [`cli`] and [`server`].
+
+pub mod cli;
+pub mod server;
+pub mod service;
+pub mod storage;

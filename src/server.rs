@@ -1,0 +1,162 @@
+//! `serve`: opens the repository, binds the listener, wires the services together and
+//! runs until SIGTERM/SIGINT, then drains in-flight RPCs for a bounded time.
+
+use crate::cli::ServeArgs;
+use crate::service::asset::AssetService;
+use crate::service::bytestream::ByteStreamService;
+use crate::service::capabilities::CapabilitiesService;
+use crate::service::cas::CasService;
+use crate::service::{Instances, ServiceConfig, MAX_MESSAGE_BYTES};
+use crate::storage::asset::AssetStore;
+use crate::storage::cas::CasStore;
+use anyhow::Context;
+use bazel_remote_apis::build::bazel::remote::asset::v1::{
+    fetch_server::FetchServer, push_server::PushServer,
+};
+use bazel_remote_apis::build::bazel::remote::execution::v2::{
+    capabilities_server::CapabilitiesServer,
+    content_addressable_storage_server::ContentAddressableStorageServer,
+};
+use bazel_remote_apis::google::bytestream::byte_stream_server::ByteStreamServer;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
+
+/// How long in-flight RPCs may run after a stop signal before the process exits anyway.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Applies our message size limits to a generated tonic server type.
+macro_rules! limited {
+    ($server:expr) => {
+        $server
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    };
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let repo = &args.repo;
+    std::fs::create_dir_all(repo)
+        .with_context(|| format!("creating repository directory {}", repo.display()))?;
+    let config = ServiceConfig {
+        instances: Instances::new(args.instance_names.clone()),
+        allow_push: args.enable_push,
+    };
+    let assets = Arc::new(
+        AssetStore::open(repo).with_context(|| format!("opening repository {}", repo.display()))?,
+    );
+    let cas = if args.index_only {
+        None
+    } else {
+        Some(Arc::new(CasStore::open(repo).with_context(|| {
+            format!("opening repository {}", repo.display())
+        })?))
+    };
+
+    let listener = bind(args.bind, args.port)?;
+    let local = listener.local_addr().context("reading the bound address")?;
+    if let Some(path) = &args.port_file {
+        write_port_file(path, local.port())?;
+    }
+
+    let asset = AssetService {
+        assets,
+        cas: cas.clone(),
+        config: config.clone(),
+    };
+    let mut router = Server::builder()
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .add_service(limited!(CapabilitiesServer::new(CapabilitiesService {
+            has_cas: cas.is_some(),
+        })))
+        .add_service(limited!(FetchServer::new(asset.clone())))
+        .add_optional_service(args.enable_push.then(|| limited!(PushServer::new(asset))));
+    if let Some(store) = cas {
+        router = router
+            .add_service(limited!(ContentAddressableStorageServer::new(CasService {
+                store: store.clone(),
+                config: config.clone(),
+            })))
+            .add_service(limited!(ByteStreamServer::new(ByteStreamService::new(
+                store, config
+            ))));
+    }
+
+    println!("bst-artifact-server listening on {local}");
+    tracing::info!(
+        address = %local,
+        repo = %repo.display(),
+        push = args.enable_push,
+        index_only = args.index_only,
+        "serving"
+    );
+
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let stop_signal = stop_signals().context("installing signal handlers")?;
+    tokio::spawn(async move {
+        let signal = stop_signal.await;
+        tracing::warn!(
+            signal,
+            "stopping: no new connections, draining in-flight requests"
+        );
+        let _ = stop_tx.send(true);
+    });
+    let mut stopped = stop_rx.clone();
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = router.serve_with_incoming_shutdown(incoming, async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    });
+    tokio::select! {
+        result = server => result.context("serving gRPC")?,
+        _ = async {
+            let _ = stop_rx.wait_for(|s| *s).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!("in-flight requests still running after {SHUTDOWN_GRACE:?}; exiting anyway");
+        }
+    }
+    Ok(())
+}
+
+fn bind(addr: Option<IpAddr>, port: u16) -> anyhow::Result<tokio::net::TcpListener> {
+    let try_bind = |ip: IpAddr| -> std::io::Result<tokio::net::TcpListener> {
+        let std = std::net::TcpListener::bind(SocketAddr::new(ip, port))?;
+        std.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(std)
+    };
+    match addr {
+        Some(ip) => {
+            try_bind(ip).with_context(|| format!("listening on {}", SocketAddr::new(ip, port)))
+        }
+        // All interfaces, as historically: [::] is dual-stack on Linux; fall back to
+        // IPv4 where IPv6 is disabled.
+        None => try_bind(IpAddr::V6(Ipv6Addr::UNSPECIFIED))
+            .or_else(|_| try_bind(IpAddr::V4(Ipv4Addr::UNSPECIFIED)))
+            .with_context(|| format!("listening on port {port} on all interfaces")),
+    }
+}
+
+fn write_port_file(path: &Path, port: u16) -> anyhow::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, format!("{port}\n"))
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .with_context(|| format!("writing port file {}", path.display()))
+}
+
+/// Installs the handlers now (so a signal that arrives early is not lost) and returns a
+/// future that resolves with the name of the first stop signal.
+fn stop_signals() -> std::io::Result<impl std::future::Future<Output = &'static str>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    })
+}
