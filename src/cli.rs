@@ -22,6 +22,16 @@ pub struct Cli {
 pub enum Command {
     /// Serve the cache (REAPI CAS, ByteStream, Capabilities, Remote Asset) from REPO.
     Serve(ServeArgs),
+    /// Evict blobs beyond a quota and remove dangling asset entries (safe beside a live server).
+    Gc(crate::admin::GcArgs),
+    /// Re-hash every blob, quarantine corrupt ones and report dangling asset entries.
+    Verify(crate::admin::VerifyArgs),
+    /// Print object count, bytes, asset entries and the oldest/newest LRU stamps.
+    Stats(crate::admin::StatsArgs),
+    /// Write systemd units for a pull-only and a push instance (see docs/systemd.md).
+    InstallUnits(crate::units::InstallUnitsArgs),
+    /// Ask a running server for its capabilities; exit 0 if it answers, 1 if not.
+    Healthcheck(crate::healthcheck::HealthcheckArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -46,6 +56,11 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value_t = LogLevel::Warning)]
     pub log_level: LogLevel,
 
+    /// Where logs go: auto picks journald when stderr is the journal stream systemd
+    /// set up for the service (JOURNAL_STREAM), stderr otherwise.
+    #[arg(long, value_enum, default_value_t = crate::logging::LogTarget::Auto)]
+    pub log_target: crate::logging::LogTarget,
+
     /// Once listening, write the bound port number to this file (atomically).
     #[arg(long, value_name = "FILE")]
     pub port_file: Option<PathBuf>,
@@ -54,6 +69,20 @@ pub struct ServeArgs {
     /// accepted; every name shares the one store.
     #[arg(long = "instance-name", value_name = "NAME")]
     pub instance_names: Vec<String>,
+
+    /// Most bytes of blobs to keep; least recently used blobs are evicted beyond it.
+    /// Accepts plain bytes, `10e9`, or K/M/G/T suffixes (powers of 1024). 0 disables it.
+    #[arg(long, value_name = "SIZE", default_value = "10e9", value_parser = parse_size)]
+    pub quota: u64,
+
+    /// What eviction frees down to [default: half the quota].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub quota_low: Option<u64>,
+
+    /// Free filesystem space to keep; below it, evict or refuse uploads
+    /// [default: 2G or 5% of the filesystem, whichever is smaller].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub reserve: Option<u64>,
 
     /// Repository directory (created if missing). Uses buildbox-casd's layout, so a
     /// repository of the historical server is served in place.
@@ -77,6 +106,33 @@ impl LogLevel {
             LogLevel::Trace => "trace",
         }
     }
+}
+
+/// Parses a byte size: `1048576`, `10e9`, `1.5G`, `512K`, `2TiB` (suffixes are powers of
+/// 1024, as in BuildStream's own cache quota settings).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let stripped = lower
+        .trim_end_matches("ib")
+        .trim_end_matches('b')
+        .trim_end();
+    let (number, multiplier) = match stripped.chars().last() {
+        Some('k') => (&stripped[..stripped.len() - 1], 1u64 << 10),
+        Some('m') => (&stripped[..stripped.len() - 1], 1 << 20),
+        Some('g') => (&stripped[..stripped.len() - 1], 1 << 30),
+        Some('t') => (&stripped[..stripped.len() - 1], 1 << 40),
+        _ => (stripped, 1),
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (examples: 10e9, 500M, 2G)"))?;
+    let bytes = value * multiplier as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(bytes.round() as u64)
 }
 
 /// Inserts `serve` when the first argument is not a subcommand, so the historical
@@ -104,22 +160,60 @@ mod tests {
         Cli::try_parse_from(normalize_args(args.iter().map(OsString::from))).unwrap()
     }
 
+    fn serve(args: &[&str]) -> ServeArgs {
+        match parse(args).command {
+            Command::Serve(a) => a,
+            other => panic!("expected serve, got {other:?}"),
+        }
+    }
+
     #[test]
     fn historical_form_means_serve() {
-        let Command::Serve(a) = parse(&["x", "--port", "11001", "--enable-push", "/r"]).command;
+        let a = serve(&["x", "--port", "11001", "--enable-push", "/r"]);
         assert_eq!(a.port, 11001);
         assert!(a.enable_push);
         assert_eq!(a.repo, PathBuf::from("/r"));
-        let Command::Serve(a) = parse(&["x", "/r", "-p", "0"]).command;
+        let a = serve(&["x", "/r", "-p", "0"]);
         assert_eq!(a.port, 0);
     }
 
     #[test]
     fn serve_subcommand() {
-        let Command::Serve(a) =
-            parse(&["x", "serve", "-p", "1", "--log-level", "info", "/r"]).command;
+        let a = serve(&["x", "serve", "-p", "1", "--log-level", "info", "/r"]);
         assert_eq!(a.log_level, LogLevel::Info);
         assert!(!a.enable_push);
+    }
+
+    #[test]
+    fn log_target() {
+        use crate::logging::LogTarget;
+        assert_eq!(serve(&["x", "-p", "1", "/r"]).log_target, LogTarget::Auto);
+        let a = serve(&["x", "-p", "1", "--log-target", "journald", "/r"]);
+        assert_eq!(a.log_target, LogTarget::Journald);
+    }
+
+    #[test]
+    fn install_units_is_a_subcommand() {
+        let cmd = parse(&["x", "install-units", "--repo", "/r", "--certs-dir", "/c"]).command;
+        let Command::InstallUnits(a) = cmd else {
+            panic!("expected install-units, got {cmd:?}");
+        };
+        assert_eq!((a.pull_port, a.push_port), (11001, 11002));
+        assert_eq!(a.user, "artifacts");
+        assert!(!a.force);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10e9"), Ok(10_000_000_000));
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("1.5k"), Ok(1536));
+        assert_eq!(parse_size("3MiB"), Ok(3 << 20));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("").is_err());
     }
 
     #[test]

@@ -1,7 +1,12 @@
 //! bst-artifact-server: an artifact and source cache for BuildStream and any Remote
 //! Execution API client. The binary is a thin wrapper around [`cli`] and [`server`].
 
+pub mod admin;
 pub mod cli;
+pub mod healthcheck;
+pub mod logging;
 pub mod server;
 pub mod service;
 pub mod storage;
+pub mod systemd;
+pub mod units;

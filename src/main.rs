@@ -6,13 +6,23 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(normalize_args(std::env::args_os()));
     let result = match cli.command {
         Command::Serve(args) => {
-            init_logging(args.log_level.as_filter());
+            bst_artifact_server::logging::init(args.log_level.as_filter(), args.log_target);
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .map_err(anyhow::Error::from)
                 .and_then(|rt| rt.block_on(bst_artifact_server::server::run(args)))
         }
+        Command::Gc(args) => bst_artifact_server::admin::gc(&args),
+        Command::Verify(args) => bst_artifact_server::admin::verify(&args),
+        Command::Stats(args) => bst_artifact_server::admin::stats(&args),
+        Command::InstallUnits(args) => bst_artifact_server::units::run(&args),
+        Command::Healthcheck(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(bst_artifact_server::healthcheck::check(&args)))
+            .map(|summary| println!("{summary}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -21,11 +31,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging(level: &str) {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(level))
-        .with_writer(std::io::stderr)
-        .init();
 }

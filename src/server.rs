@@ -8,7 +8,7 @@ use crate::service::capabilities::CapabilitiesService;
 use crate::service::cas::CasService;
 use crate::service::{Instances, ServiceConfig, MAX_MESSAGE_BYTES};
 use crate::storage::asset::AssetStore;
-use crate::storage::cas::CasStore;
+use crate::storage::cas::{CasStore, QuotaPolicy};
 use anyhow::Context;
 use bazel_remote_apis::build::bazel::remote::asset::v1::{
     fetch_server::FetchServer, push_server::PushServer,
@@ -28,6 +28,10 @@ use tonic::transport::Server;
 /// How long in-flight RPCs may run after a stop signal before the process exits anyway.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// How often committed uploads are flushed to stable storage (the power-loss window;
+/// see docs/adr/0001-storage-engine.md).
+pub const SYNC_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Applies our message size limits to a generated tonic server type.
 macro_rules! limited {
     ($server:expr) => {
@@ -39,6 +43,9 @@ macro_rules! limited {
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let repo = &args.repo;
+    // Before the repository is opened, so that a slow start-up is not mistaken for a hang.
+    let _watchdog = crate::systemd::spawn_watchdog();
+    crate::systemd::notify_status(&format!("opening repository {}", repo.display()));
     std::fs::create_dir_all(repo)
         .with_context(|| format!("creating repository directory {}", repo.display()))?;
     let config = ServiceConfig {
@@ -51,9 +58,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let cas = if args.index_only {
         None
     } else {
-        Some(Arc::new(CasStore::open(repo).with_context(|| {
-            format!("opening repository {}", repo.display())
-        })?))
+        let store = Arc::new(
+            CasStore::open_with(repo, quota_policy(&args))
+                .with_context(|| format!("opening repository {}", repo.display()))?,
+        );
+        store.start_background(SYNC_INTERVAL);
+        Some(store)
     };
 
     let listener = bind(args.bind, args.port)?;
@@ -103,8 +113,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             signal,
             "stopping: no new connections, draining in-flight requests"
         );
+        crate::systemd::notify_stopping(&format!("{signal}: draining in-flight requests"));
         let _ = stop_tx.send(true);
     });
+    // Listener bound, storage open, stop signals handled: clients may come.
+    crate::systemd::notify_ready(&format!("serving on {local}"));
     let mut stopped = stop_rx.clone();
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = router.serve_with_incoming_shutdown(incoming, async move {
@@ -120,6 +133,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Default free-space reserve: casd's 2 GB, or 5% of a smaller filesystem.
+fn default_reserve(repo: &Path) -> u64 {
+    const CAP: u64 = 2_000_000_000;
+    crate::storage::cas::filesystem_space(repo).map_or(CAP, |(total, _)| CAP.min(total / 20))
+}
+
+fn quota_policy(args: &ServeArgs) -> QuotaPolicy {
+    let quota = (args.quota > 0).then_some(args.quota);
+    QuotaPolicy {
+        quota,
+        low_watermark: args
+            .quota_low
+            .unwrap_or(args.quota / 2)
+            .min(quota.unwrap_or(u64::MAX)),
+        reserve: args.reserve.unwrap_or_else(|| default_reserve(&args.repo)),
+    }
 }
 
 fn bind(addr: Option<IpAddr>, port: u16) -> anyhow::Result<tokio::net::TcpListener> {

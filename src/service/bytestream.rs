@@ -17,7 +17,6 @@ use bazel_remote_apis::google::bytestream::{
 };
 use futures::Stream;
 use std::collections::HashMap;
-use std::os::unix::fs::FileExt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use tonic::{Request, Response, Status, Streaming};
@@ -104,41 +103,38 @@ impl ByteStream for ByteStreamService {
             0 => digest.size(),
             limit => digest.size().min(offset.saturating_add(limit)),
         };
-        let file = if digest.is_empty_blob() {
-            None
-        } else {
-            let store = self.store.clone();
-            let d = digest.clone();
-            let file = blocking(move || store.open_blob(&d).map_err(cas_status)).await?;
-            match file {
-                Some(f) => Some(Arc::new(f)),
-                None => return Err(Status::not_found(format!("blob {digest} not found"))),
-            }
+        let store = self.store.clone();
+        let d = digest.clone();
+        let reader =
+            blocking(move || store.open_reader(&d, offset, end).map_err(cas_status)).await?;
+        let Some(mut reader) = reader else {
+            return Err(Status::not_found(format!("blob {digest} not found")));
         };
         let (tx, rx) = tokio::sync::mpsc::channel(2);
-        if let Some(file) = file {
-            tokio::spawn(async move {
-                let mut pos = offset;
-                while pos < end {
-                    let len = READ_CHUNK.min(end - pos) as usize;
-                    let f = file.clone();
-                    let chunk = blocking(move || {
-                        let mut buf = vec![0u8; len];
-                        f.read_exact_at(&mut buf, pos).map_err(|e| {
-                            Status::data_loss(format!("reading blob at offset {pos}: {e}"))
-                        })?;
-                        Ok(buf)
-                    })
-                    .await;
-                    let failed = chunk.is_err();
-                    let msg = chunk.map(|data| ReadResponse { data });
-                    if tx.send(msg).await.is_err() || failed {
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            loop {
+                let store = store.clone();
+                let step = blocking(move || {
+                    let chunk = reader.next_chunk(READ_CHUNK, &store).map_err(cas_status)?;
+                    Ok((reader, chunk))
+                })
+                .await;
+                match step {
+                    Ok((r, Some(data))) => {
+                        reader = r;
+                        if tx.send(Ok(ReadResponse { data })).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok((_, None)) => return,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
                         return;
                     }
-                    pos += len as u64;
                 }
-            });
-        }
+            }
+        });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))

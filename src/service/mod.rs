@@ -104,6 +104,14 @@ pub fn cas_status(e: CasError) -> Status {
             Status::invalid_argument(e.to_string())
         }
         CasError::Overrun { .. } => Status::invalid_argument(e.to_string()),
+        CasError::Corrupt { .. } => {
+            tracing::error!(error = %e, "served object failed verification");
+            Status::data_loss(e.to_string())
+        }
+        CasError::TooLarge { .. } | CasError::NoSpace { .. } => {
+            tracing::warn!(error = %e, "refusing an upload");
+            Status::resource_exhausted(e.to_string())
+        }
         CasError::Io { .. } if e.is_out_of_space() => {
             tracing::error!(error = %e, "storage is full");
             Status::resource_exhausted(format!("the server's storage is full: {e}"))

@@ -205,6 +205,35 @@ impl AssetStore {
         }
     }
 
+    /// Every entry file with what it decodes to (`Err` with a reason when it does not).
+    pub fn for_each_entry(
+        &self,
+        mut f: impl FnMut(&Path, Result<(AssetKind, AssetEntry), String>),
+    ) {
+        let Ok(shards) = fs::read_dir(&self.objects) else {
+            return;
+        };
+        for shard in shards.flatten() {
+            let Ok(entries) = fs::read_dir(shard.path()) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let decoded = fs::read(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|bytes| {
+                        decode_entry(AssetKind::Blob, &bytes)
+                            .map(|e| (AssetKind::Blob, e))
+                            .or_else(|_| {
+                                decode_entry(AssetKind::Directory, &bytes)
+                                    .map(|e| (AssetKind::Directory, e))
+                            })
+                    });
+                f(&path, decoded);
+            }
+        }
+    }
+
     /// Writes (or replaces: the last push wins) the entry for `entry.uri`.
     pub fn put(&self, kind: AssetKind, entry: &AssetEntry) -> Result<(), AssetError> {
         let key = Self::key(kind, &entry.uri, &entry.qualifiers);

@@ -14,11 +14,16 @@
 //! The API is synchronous; async callers run it on the blocking pool.
 
 use super::digest::Digest;
+use super::lru;
+use super::usage::SharedCounter;
 use sha2::{Digest as _, Sha256};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CasError {
@@ -28,6 +33,16 @@ pub enum CasError {
     SizeMismatch { expected: u64, actual: u64 },
     #[error("upload overruns the digest size {expected} (got {actual} bytes so far)")]
     Overrun { expected: u64, actual: u64 },
+    #[error("blob {digest} is {size} bytes, larger than the whole cache quota of {quota} bytes")]
+    TooLarge {
+        digest: String,
+        size: u64,
+        quota: u64,
+    },
+    #[error("no room for {size} more bytes: {reason}")]
+    NoSpace { size: u64, reason: String },
+    #[error("stored object {digest} failed verification ({reason}); it has been quarantined")]
+    Corrupt { digest: String, reason: String },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -46,29 +61,336 @@ impl CasError {
 
     /// True when the disk (not the client) is the problem and the client may retry later.
     pub fn is_out_of_space(&self) -> bool {
-        matches!(self, CasError::Io { source, .. }
-            if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
+        match self {
+            CasError::TooLarge { .. } | CasError::NoSpace { .. } => true,
+            CasError::Io { source, .. } => {
+                matches!(
+                    source.raw_os_error(),
+                    Some(libc::ENOSPC) | Some(libc::EDQUOT)
+                )
+            }
+            _ => false,
+        }
+    }
+}
+
+/// How much the store may hold. See docs/adr/0001-storage-engine.md.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuotaPolicy {
+    /// Upper bound on stored blob bytes; `None` for no bound.
+    pub quota: Option<u64>,
+    /// What eviction frees down to once the quota would be passed.
+    pub low_watermark: u64,
+    /// Free filesystem space to keep; below it, evict or refuse writes.
+    pub reserve: u64,
+}
+
+impl QuotaPolicy {
+    pub fn unlimited() -> Self {
+        QuotaPolicy {
+            quota: None,
+            low_watermark: u64::MAX,
+            reserve: 0,
+        }
     }
 }
 
 pub struct CasStore {
     objects: PathBuf,
     tmp: PathBuf,
+    quarantine: PathBuf,
+    lock_path: PathBuf,
+    policy: QuotaPolicy,
+    /// Bytes stored plus bytes reserved by uploads in progress, across processes.
+    usage: Arc<SharedCounter>,
+    /// This process's share of the reservations in `usage`.
+    local_reserved: Arc<AtomicU64>,
+    /// Bytes this process has committed, ever: lets a measurement that raced with
+    /// commits add them back rather than lose them.
+    local_committed: Arc<AtomicU64>,
+    evicting: Mutex<()>,
+    /// Set by every commit; the background syncer flushes when it sees it.
+    dirty: Arc<AtomicBool>,
+    /// Whether reads refresh LRU stamps (off for offline inspection tools).
+    refresh_lru: bool,
 }
 
 impl CasStore {
-    /// Opens (creating if needed) the CAS under `repo` and removes temporary files left
-    /// behind by processes that no longer run.
+    /// Opens (creating if needed) the CAS under `repo` with no quota, and removes
+    /// temporary files left behind by processes that no longer run.
     pub fn open(repo: &Path) -> Result<Self, CasError> {
-        let objects = repo.join("cas").join("objects");
-        let tmp = repo.join("cas").join("tmp");
+        Self::open_with(repo, QuotaPolicy::unlimited())
+    }
+
+    pub fn open_with(repo: &Path, policy: QuotaPolicy) -> Result<Self, CasError> {
+        let cas = repo.join("cas");
+        let objects = cas.join("objects");
+        let tmp = cas.join("tmp");
         for dir in [&objects, &tmp] {
             fs::create_dir_all(dir)
                 .map_err(|e| CasError::io(format!("creating {}", dir.display()), e))?;
         }
-        let store = CasStore { objects, tmp };
+        let usage_path = cas.join("usage");
+        let usage = SharedCounter::open(&usage_path)
+            .map_err(|e| CasError::io(format!("opening {}", usage_path.display()), e))?;
+        let store = CasStore {
+            quarantine: cas.join("quarantine"),
+            lock_path: cas.join("evict.lock"),
+            objects,
+            tmp,
+            policy,
+            usage: Arc::new(usage),
+            local_reserved: Arc::new(AtomicU64::new(0)),
+            local_committed: Arc::new(AtomicU64::new(0)),
+            evicting: Mutex::new(()),
+            dirty: Arc::new(AtomicBool::new(false)),
+            refresh_lru: true,
+        };
         store.remove_stale_temporaries();
         Ok(store)
+    }
+
+    /// For tools that inspect the store: looking must not make objects look recently used.
+    pub fn without_lru_refresh(mut self) -> Self {
+        self.refresh_lru = false;
+        self
+    }
+
+    pub fn objects_total(&self) -> lru::ScanSummary {
+        lru::scan(&self.objects)
+    }
+
+    /// Every stored object, with its size (for verification tools).
+    pub fn for_each_object(&self, mut f: impl FnMut(Digest, PathBuf)) {
+        lru::for_each_object(&self.objects, |path, size, _| {
+            let hash = path
+                .parent()
+                .and_then(|p| p.file_name())
+                .and_then(|s| s.to_str())
+                .zip(path.file_name().and_then(|n| n.to_str()))
+                .map(|(shard, rest)| format!("{shard}{rest}"));
+            if let Some(Ok(d)) = hash.map(|h| Digest::new(&h, size as i64)) {
+                f(d, path);
+            }
+        });
+    }
+
+    pub fn policy(&self) -> QuotaPolicy {
+        self.policy
+    }
+
+    /// The shared estimate of bytes stored (and reserved by uploads in progress).
+    pub fn usage(&self) -> u64 {
+        self.usage.load()
+    }
+
+    /// Measures the store and replaces the shared estimate with the measurement. Runs in
+    /// the background at start-up so that listening never waits for it.
+    pub fn rescan(&self) -> lru::ScanSummary {
+        let committed_before = self.local_committed.load(Ordering::Relaxed);
+        let summary = lru::scan(&self.objects);
+        self.store_measured_usage(summary.bytes, committed_before);
+        summary
+    }
+
+    /// Replaces the shared estimate with `stored` bytes measured by a scan that began
+    /// when this process had committed `committed_before` bytes. Commits that raced
+    /// with the scan are added back (possibly counting some twice: over-counting only
+    /// makes eviction start a little early, under-counting would overshoot the quota).
+    fn store_measured_usage(&self, stored: u64, committed_before: u64) {
+        let raced = self.local_committed.load(Ordering::Relaxed) - committed_before;
+        self.usage
+            .store(stored + raced + self.local_reserved.load(Ordering::Relaxed));
+    }
+
+    /// Flushes everything written so far to stable storage if anything was committed
+    /// since the last call. See the durability policy in the storage ADR.
+    pub fn sync_if_dirty(&self) {
+        if !self.dirty.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        match File::open(&self.objects) {
+            // SAFETY: syncfs on a descriptor we own.
+            Ok(dir) => unsafe {
+                if libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) != 0 {
+                    tracing::error!(error = %io::Error::last_os_error(), "syncfs failed");
+                }
+            },
+            Err(e) => tracing::error!(error = %e, "opening the object directory to sync it"),
+        }
+    }
+
+    /// Starts the background work of a serving process: the initial measurement (then
+    /// an eviction if the store is already over quota) and the periodic flush.
+    pub fn start_background(self: &Arc<Self>, sync_interval: Duration) {
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("cas-scan".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                let s = me.rescan();
+                tracing::info!(
+                    objects = s.objects,
+                    bytes = s.bytes,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "measured the object store"
+                );
+                if let Err(e) = me.make_room(0) {
+                    tracing::warn!(error = %e, "store is over its limits after the start-up scan");
+                }
+            })
+            .ok();
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("cas-sync".into())
+            .spawn(move || loop {
+                std::thread::sleep(sync_interval);
+                me.sync_if_dirty();
+            })
+            .ok();
+    }
+
+    /// Ensures `size` more bytes fit under the quota and the free-space reserve,
+    /// evicting least-recently-used objects if needed.
+    pub fn make_room(&self, size: u64) -> Result<(), CasError> {
+        let shortfall = || self.shortfall(size);
+        if shortfall().is_none() {
+            return Ok(());
+        }
+        // Evicting cannot help a write the empty filesystem could not take: refuse it
+        // without emptying the cache first.
+        if let Some((total, _)) = filesystem_space(&self.objects) {
+            if size + self.policy.reserve > total {
+                return Err(CasError::NoSpace {
+                    size,
+                    reason: format!(
+                        "the filesystem holds {total} bytes in all and {} are kept in reserve",
+                        self.policy.reserve
+                    ),
+                });
+            }
+        }
+        let _lock = self.lock_eviction()?;
+        // Another thread or process may have made room while we waited.
+        if shortfall().is_none() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let committed_before = self.local_committed.load(Ordering::Relaxed);
+        let reserved = self.local_reserved.load(Ordering::Relaxed);
+        let avail = free_space(&self.objects);
+        let policy = self.policy;
+        let report = lru::evict(
+            &self.objects,
+            |stored| {
+                let for_quota = match policy.quota {
+                    Some(q) if stored + reserved + size > q => {
+                        let target = policy.low_watermark.min(q.saturating_sub(size + reserved));
+                        stored.saturating_sub(target)
+                    }
+                    _ => 0,
+                };
+                let for_disk = match avail {
+                    Some(a) => (policy.reserve + size).saturating_sub(a),
+                    None => 0,
+                };
+                for_quota.max(for_disk)
+            },
+            false,
+        );
+        self.store_measured_usage(report.scanned_bytes - report.freed_bytes, committed_before);
+        tracing::info!(
+            freed_bytes = report.freed_bytes,
+            freed_objects = report.freed_objects,
+            stored_before = report.scanned_bytes,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "evicted least recently used objects"
+        );
+        match shortfall() {
+            None => Ok(()),
+            Some(reason) => Err(CasError::NoSpace { size, reason }),
+        }
+    }
+
+    /// One evictor at a time: a mutex within the process, `flock` across processes
+    /// sharing the repository (held until the returned guard is dropped).
+    fn lock_eviction(&self) -> Result<(std::sync::MutexGuard<'_, ()>, File), CasError> {
+        let guard = self.evicting.lock().unwrap_or_else(|e| e.into_inner());
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&self.lock_path)
+            .map_err(|e| CasError::io("opening the eviction lock", e))?;
+        // SAFETY: flock on a descriptor we own; released when `lock` is closed.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+            return Err(CasError::io(
+                "taking the eviction lock",
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok((guard, lock))
+    }
+
+    /// Evicts least recently used objects down to the low watermark (for `gc`).
+    pub fn evict_to_low_watermark(&self, dry_run: bool) -> Result<lru::EvictReport, CasError> {
+        let _lock = self.lock_eviction()?;
+        let committed_before = self.local_committed.load(Ordering::Relaxed);
+        let low = self.policy.low_watermark;
+        let report = lru::evict(&self.objects, |stored| stored.saturating_sub(low), dry_run);
+        if !dry_run {
+            self.store_measured_usage(report.scanned_bytes - report.freed_bytes, committed_before);
+        }
+        Ok(report)
+    }
+
+    /// Why `size` more bytes would not fit, if they would not.
+    fn shortfall(&self, size: u64) -> Option<String> {
+        if let Some(q) = self.policy.quota {
+            let used = self.usage.load();
+            if used + size > q {
+                return Some(format!(
+                    "the cache quota of {q} bytes is reached ({used} bytes stored or being uploaded)"
+                ));
+            }
+        }
+        if self.policy.reserve > 0 {
+            if let Some(avail) = free_space(&self.objects) {
+                if avail < self.policy.reserve + size {
+                    return Some(format!(
+                        "only {avail} bytes are free on the filesystem and {} are kept in reserve",
+                        self.policy.reserve
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    /// Moves a damaged object aside so it is neither served nor counted, and a fresh
+    /// upload can replace it.
+    pub fn quarantine(&self, d: &Digest, reason: &str) {
+        let from = self.path_of(d);
+        let to = self.quarantine.join(format!(
+            "{}-{}",
+            d.hash(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs()
+        ));
+        let size = fs::metadata(&from).map(|m| m.len()).unwrap_or(0);
+        let moved = fs::create_dir_all(&self.quarantine).and_then(|_| fs::rename(&from, &to));
+        match moved {
+            Ok(()) => {
+                self.usage.sub(size);
+                tracing::error!(digest = %d, %reason, to = %to.display(), "quarantined a damaged object");
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::error!(digest = %d, %reason, error = %e, "could not quarantine a damaged object")
+            }
+        }
     }
 
     pub fn objects_dir(&self) -> &Path {
@@ -88,15 +410,13 @@ impl CasStore {
         let path = self.path_of(d);
         match fs::metadata(&path) {
             Ok(m) if m.len() == d.size() => {
-                touch(&path);
+                if self.refresh_lru {
+                    touch(&path);
+                }
                 true
             }
             Ok(m) => {
-                tracing::error!(
-                    digest = %d,
-                    actual_size = m.len(),
-                    "stored object has the wrong size; treating it as missing"
-                );
+                self.quarantine(d, &format!("{} bytes on disk", m.len()));
                 false
             }
             Err(_) => false,
@@ -113,10 +433,12 @@ impl CasStore {
                     .map_err(|e| CasError::io(format!("reading metadata of {d}"), e))?
                     .len();
                 if len != d.size() {
-                    tracing::error!(digest = %d, actual_size = len, "stored object has the wrong size; not serving it");
+                    self.quarantine(d, &format!("{len} bytes on disk"));
                     return Ok(None);
                 }
-                touch(&path);
+                if self.refresh_lru {
+                    touch(&path);
+                }
                 Ok(Some(f))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -135,25 +457,37 @@ impl CasStore {
         let mut buf = Vec::with_capacity(d.size() as usize);
         f.read_to_end(&mut buf)
             .map_err(|e| CasError::io(format!("reading blob {d}"), e))?;
-        if buf.len() as u64 != d.size() {
+        if buf.len() as u64 != d.size() || Digest::of_bytes(&buf).hash() != d.hash() {
+            self.quarantine(d, "content does not match its digest");
             return Ok(None);
         }
         Ok(Some(buf))
     }
 
-    /// Reads up to `len` bytes at `offset` from an open blob.
-    pub fn read_chunk(file: &mut File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        file.seek(SeekFrom::Start(offset))?;
-        let mut buf = vec![0u8; len];
-        let mut filled = 0;
-        while filled < len {
-            match file.read(&mut buf[filled..])? {
-                0 => break,
-                n => filled += n,
+    /// Opens a streaming reader of `[offset, end)`. A read of the whole blob verifies its
+    /// hash and fails with [`CasError::Corrupt`] at the end if it does not match, so a
+    /// damaged object (e.g. after power loss) is never passed off as good.
+    pub fn open_reader(
+        &self,
+        d: &Digest,
+        offset: u64,
+        end: u64,
+    ) -> Result<Option<BlobReader>, CasError> {
+        let file = if d.is_empty_blob() {
+            None
+        } else {
+            match self.open_blob(d)? {
+                Some(f) => Some(f),
+                None => return Ok(None),
             }
-        }
-        buf.truncate(filled);
-        Ok(buf)
+        };
+        Ok(Some(BlobReader {
+            digest: d.clone(),
+            file,
+            pos: offset,
+            end,
+            hasher: (offset == 0 && end == d.size()).then(Sha256::new),
+        }))
     }
 
     /// Stores a complete blob held in memory, verifying it against its digest.
@@ -170,8 +504,25 @@ impl CasStore {
         let sink = if digest.is_empty_blob() || self.contains(&digest) {
             None
         } else {
+            if let Some(q) = self.policy.quota {
+                if digest.size() > q {
+                    return Err(CasError::TooLarge {
+                        digest: digest.to_string(),
+                        size: digest.size(),
+                        quota: q,
+                    });
+                }
+            }
+            self.make_room(digest.size())?;
+            // Counted from now on, so concurrent uploads cannot overshoot the quota
+            // together and eviction knows about space that is spoken for.
+            let reservation = Reservation::new(self, digest.size());
             let (path, file) = self.create_temporary()?;
-            Some(TempFile { path, file })
+            Some(TempFile {
+                path,
+                file,
+                reservation,
+            })
         };
         Ok(BlobWriter {
             digest,
@@ -179,6 +530,7 @@ impl CasStore {
             sink,
             hasher: Sha256::new(),
             written: 0,
+            dirty: self.dirty.clone(),
         })
     }
 
@@ -234,6 +586,88 @@ impl CasStore {
 struct TempFile {
     path: PathBuf,
     file: File,
+    reservation: Reservation,
+}
+
+/// Bytes counted in the shared usage for an upload in progress. Dropping it gives them
+/// back; [`Reservation::keep`] turns them into stored bytes.
+struct Reservation {
+    usage: Arc<SharedCounter>,
+    local: Arc<AtomicU64>,
+    committed: Arc<AtomicU64>,
+    bytes: u64,
+}
+
+impl Reservation {
+    fn new(store: &CasStore, bytes: u64) -> Self {
+        store.usage.add(bytes);
+        store.local_reserved.fetch_add(bytes, Ordering::Relaxed);
+        Reservation {
+            usage: store.usage.clone(),
+            local: store.local_reserved.clone(),
+            committed: store.local_committed.clone(),
+            bytes,
+        }
+    }
+
+    fn keep(mut self) {
+        self.committed.fetch_add(self.bytes, Ordering::Relaxed);
+        self.local.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.bytes = 0;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.usage.sub(self.bytes);
+            self.local.fetch_sub(self.bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Streams a byte range of a stored blob; see [`CasStore::open_reader`].
+pub struct BlobReader {
+    digest: Digest,
+    file: Option<File>,
+    pos: u64,
+    end: u64,
+    hasher: Option<Sha256>,
+}
+
+impl BlobReader {
+    /// The next chunk of at most `max` bytes, or `None` at the end of the range.
+    /// `store` is needed only to quarantine the object if verification fails.
+    pub fn next_chunk(&mut self, max: u64, store: &CasStore) -> Result<Option<Vec<u8>>, CasError> {
+        if self.pos >= self.end {
+            if let Some(h) = self.hasher.take() {
+                let actual = hex::encode(h.finalize());
+                if actual != self.digest.hash() {
+                    store.quarantine(&self.digest, "content does not match its digest");
+                    return Err(CasError::Corrupt {
+                        digest: self.digest.to_string(),
+                        reason: format!("content hashes to {actual}"),
+                    });
+                }
+            }
+            return Ok(None);
+        }
+        let Some(file) = &self.file else {
+            return Ok(None);
+        };
+        let len = max.min(self.end - self.pos) as usize;
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, self.pos)
+            .map_err(|e| CasError::Corrupt {
+                digest: self.digest.to_string(),
+                reason: format!("reading at offset {}: {e}", self.pos),
+            })?;
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf);
+        }
+        self.pos += len as u64;
+        Ok(Some(buf))
+    }
 }
 
 /// An upload in progress. Dropping it without [`BlobWriter::commit`] discards the data.
@@ -243,6 +677,8 @@ pub struct BlobWriter {
     sink: Option<TempFile>,
     hasher: Sha256,
     written: u64,
+    /// The store's "something to flush" flag.
+    dirty: Arc<AtomicBool>,
 }
 
 impl BlobWriter {
@@ -290,7 +726,12 @@ impl BlobWriter {
         let Some(sink) = self.sink.take() else {
             return Ok(());
         };
-        let TempFile { path, file } = sink;
+        let TempFile {
+            path,
+            file,
+            reservation,
+        } = sink;
+        let existed = self.final_path.exists();
         let result = (|| {
             file.set_permissions(fs::Permissions::from_mode(0o444))
                 .map_err(|e| CasError::io("setting blob permissions", e))?;
@@ -298,9 +739,15 @@ impl BlobWriter {
             rename_into_place(&path, &self.final_path)
                 .map_err(|e| CasError::io(format!("storing blob {}", self.digest), e))
         })();
-        if result.is_err() {
-            let _ = fs::remove_file(&path);
+        match &result {
+            Err(_) => {
+                let _ = fs::remove_file(&path);
+            }
+            // A racing identical upload got there first: its bytes are already counted.
+            Ok(()) if existed => drop(reservation),
+            Ok(()) => reservation.keep(),
         }
+        self.dirty.store(true, Ordering::Release);
         result
     }
 }
@@ -311,6 +758,24 @@ impl Drop for BlobWriter {
             let _ = fs::remove_file(&sink.path);
         }
     }
+}
+
+/// Size and free bytes (for unprivileged writers) of the filesystem holding `path`.
+pub fn filesystem_space(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs is plain old data; zeroed is a valid value for it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and an out-parameter of the right type.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let unit = st.f_frsize as u64;
+    Some((st.f_blocks as u64 * unit, st.f_bavail as u64 * unit))
+}
+
+fn free_space(path: &Path) -> Option<u64> {
+    filesystem_space(path).map(|(_, free)| free)
 }
 
 /// Renames `from` to `to`, recreating `to`'s directory if it has gone.

@@ -4,7 +4,9 @@
 pub mod asset;
 pub mod cas;
 pub mod digest;
+pub mod lru;
 pub mod tree;
+pub mod usage;
 
 use asset::{AssetEntry, AssetKind};
 use cas::CasStore;

@@ -122,3 +122,296 @@ macro_rules! big {
             .max_encoding_message_size(64 << 20)
     };
 }
+
+/// Helpers for the gRPC protocol tests (CAS, ByteStream, Remote Asset): digests, the casd
+/// on-disk layout, and bounded client calls.
+pub mod grpc {
+    use super::TIMEOUT;
+    use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
+    use bazel_remote_apis::google::bytestream::{
+        byte_stream_client::ByteStreamClient, ReadRequest, WriteRequest, WriteResponse,
+    };
+    use reapi::content_addressable_storage_client::ContentAddressableStorageClient;
+    use sha2::{Digest as _, Sha256};
+    use std::path::{Path, PathBuf};
+    use tonic::transport::Channel;
+    use tonic::{Code, Status};
+
+    pub const EMPTY_SHA256: &str =
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    /// The ByteStream write chunk buildbox-casd was observed to use.
+    pub const CASD_CHUNK: usize = 2 << 20;
+
+    /// Fails the test instead of hanging when the server stops answering.
+    pub async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+        tokio::time::timeout(TIMEOUT, f)
+            .await
+            .expect("the server did not answer in time")
+    }
+
+    pub fn sha256_hex(data: &[u8]) -> String {
+        hex::encode(Sha256::digest(data))
+    }
+
+    pub fn digest(data: &[u8]) -> reapi::Digest {
+        reapi::Digest {
+            hash: sha256_hex(data),
+            size_bytes: data.len() as i64,
+        }
+    }
+
+    /// Deterministic bytes that differ per seed, so every test's blobs are its own.
+    pub fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// Where buildbox-casd (and so this server) keeps a blob: `REPO/cas/objects/<2>/<62>`.
+    pub fn blob_path(repo: &Path, hash: &str) -> PathBuf {
+        repo.join("cas/objects").join(&hash[..2]).join(&hash[2..])
+    }
+
+    /// Files left in `REPO/cas/tmp` (none when the directory is absent).
+    pub fn tmp_entries(repo: &Path) -> Vec<PathBuf> {
+        match std::fs::read_dir(repo.join("cas/tmp")) {
+            Ok(rd) => rd.flatten().map(|e| e.path()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn prefix(instance: &str) -> String {
+        if instance.is_empty() {
+            String::new()
+        } else {
+            format!("{instance}/")
+        }
+    }
+
+    pub fn upload_name(instance: &str, d: &reapi::Digest) -> String {
+        format!(
+            "{}uploads/{}/blobs/{}/{}",
+            prefix(instance),
+            uuid::Uuid::new_v4(),
+            d.hash,
+            d.size_bytes
+        )
+    }
+
+    pub fn read_name(instance: &str, d: &reapi::Digest) -> String {
+        format!("{}blobs/{}/{}", prefix(instance), d.hash, d.size_bytes)
+    }
+
+    /// A well-behaved client's Write stream: the name only on the first message, offsets
+    /// counting up, `finish_write` on the last.
+    pub fn write_requests(name: &str, data: &[u8], chunk: usize) -> Vec<WriteRequest> {
+        let mut out: Vec<WriteRequest> = data
+            .chunks(chunk)
+            .scan(0usize, |offset, c| {
+                let r = WriteRequest {
+                    resource_name: if *offset == 0 {
+                        name.to_owned()
+                    } else {
+                        String::new()
+                    },
+                    write_offset: *offset as i64,
+                    finish_write: false,
+                    data: c.to_vec(),
+                };
+                *offset += c.len();
+                Some(r)
+            })
+            .collect();
+        if out.is_empty() {
+            out.push(WriteRequest {
+                resource_name: name.to_owned(),
+                ..Default::default()
+            });
+        }
+        out.last_mut().unwrap().finish_write = true;
+        out
+    }
+
+    pub fn bytestream(ch: &Channel) -> ByteStreamClient<Channel> {
+        crate::big!(ByteStreamClient::new(ch.clone()))
+    }
+
+    pub fn cas(ch: &Channel) -> ContentAddressableStorageClient<Channel> {
+        crate::big!(ContentAddressableStorageClient::new(ch.clone()))
+    }
+
+    pub async fn write_msgs(
+        ch: &Channel,
+        msgs: Vec<WriteRequest>,
+    ) -> Result<WriteResponse, Status> {
+        bounded(bytestream(ch).write(tokio_stream::iter(msgs)))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn write(
+        ch: &Channel,
+        name: &str,
+        data: &[u8],
+        chunk: usize,
+    ) -> Result<WriteResponse, Status> {
+        write_msgs(ch, write_requests(name, data, chunk)).await
+    }
+
+    /// Reads a resource, returning the chunks as they arrived.
+    pub async fn read_chunks(
+        ch: &Channel,
+        name: &str,
+        offset: i64,
+        limit: i64,
+    ) -> Result<Vec<Vec<u8>>, Status> {
+        bounded(async {
+            let mut stream = bytestream(ch)
+                .read(ReadRequest {
+                    resource_name: name.to_owned(),
+                    read_offset: offset,
+                    read_limit: limit,
+                })
+                .await?
+                .into_inner();
+            let mut chunks = Vec::new();
+            while let Some(r) = stream.message().await? {
+                chunks.push(r.data);
+            }
+            Ok(chunks)
+        })
+        .await
+    }
+
+    pub async fn read(
+        ch: &Channel,
+        name: &str,
+        offset: i64,
+        limit: i64,
+    ) -> Result<Vec<u8>, Status> {
+        read_chunks(ch, name, offset, limit)
+            .await
+            .map(|c| c.concat())
+    }
+
+    /// BatchUpdateBlobs of the given blobs; returns the per-blob status codes.
+    pub async fn batch_update(ch: &Channel, blobs: &[&[u8]]) -> Result<Vec<Code>, Status> {
+        let requests = blobs
+            .iter()
+            .map(|b| reapi::batch_update_blobs_request::Request {
+                digest: Some(digest(b)),
+                data: b.to_vec(),
+                ..Default::default()
+            })
+            .collect();
+        let resp = bounded(cas(ch).batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+            requests,
+            ..Default::default()
+        }))
+        .await?
+        .into_inner();
+        Ok(resp.responses.iter().map(|r| rpc_code(&r.status)).collect())
+    }
+
+    /// Stores blobs through whichever path fits their size, asserting success.
+    pub async fn upload(ch: &Channel, blobs: &[&[u8]]) {
+        for b in blobs {
+            if b.len() > 1 << 20 {
+                let d = digest(b);
+                let r = write(ch, &upload_name("", &d), b, CASD_CHUNK)
+                    .await
+                    .unwrap();
+                assert_eq!(r.committed_size, d.size_bytes);
+            } else {
+                let codes = batch_update(ch, &[b]).await.unwrap();
+                assert_eq!(codes, vec![Code::Ok]);
+            }
+        }
+    }
+
+    pub async fn find_missing(
+        ch: &Channel,
+        digests: &[reapi::Digest],
+    ) -> Result<Vec<reapi::Digest>, Status> {
+        bounded(cas(ch).find_missing_blobs(reapi::FindMissingBlobsRequest {
+            blob_digests: digests.to_vec(),
+            ..Default::default()
+        }))
+        .await
+        .map(|r| r.into_inner().missing_blob_digests)
+    }
+
+    pub fn rpc_code(s: &Option<bazel_remote_apis::google::rpc::Status>) -> Code {
+        Code::from_i32(s.as_ref().map_or(0, |s| s.code))
+    }
+
+    pub fn file_node(name: &str, d: &reapi::Digest) -> reapi::FileNode {
+        reapi::FileNode {
+            name: name.to_owned(),
+            digest: Some(d.clone()),
+            ..Default::default()
+        }
+    }
+
+    pub fn dir_node(name: &str, d: &reapi::Digest) -> reapi::DirectoryNode {
+        reapi::DirectoryNode {
+            name: name.to_owned(),
+            digest: Some(d.clone()),
+        }
+    }
+
+    pub fn encode<M: prost::Message>(m: &M) -> Vec<u8> {
+        m.encode_to_vec()
+    }
+
+    /// Asserts an RPC failed with `code`, showing the message otherwise.
+    #[track_caller]
+    pub fn assert_code<T: std::fmt::Debug>(r: Result<T, Status>, code: Code) -> Status {
+        match r {
+            Ok(v) => panic!("expected {code:?}, got success: {v:?}"),
+            Err(s) => {
+                assert_eq!(s.code(), code, "unexpected status: {s:?}");
+                s
+            }
+        }
+    }
+}
+
+impl Server {
+    /// Starts the binary in the historical form, without a subcommand:
+    /// `bst-artifact-server --bind 127.0.0.1 --port 0 --port-file F <extra> REPO`.
+    pub fn start_historical(repo: &Path, extra: &[&str]) -> Server {
+        let scratch = tempfile::tempdir().unwrap();
+        let port_file = scratch.path().join("port");
+        let mut child = Command::new(BIN)
+            .args(["--bind", "127.0.0.1", "--port", "0"])
+            .arg("--port-file")
+            .arg(&port_file)
+            .args(extra)
+            .arg(repo)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting bst-artifact-server");
+        let port = wait_for_port_file(&port_file, &mut child);
+        Server {
+            child,
+            port,
+            repo: repo.to_owned(),
+            _scratch: scratch,
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
