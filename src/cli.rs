@@ -32,6 +32,16 @@ pub enum Command {
     InstallUnits(crate::units::InstallUnitsArgs),
     /// Ask a running server for its capabilities; exit 0 if it answers, 1 if not.
     Healthcheck(crate::healthcheck::HealthcheckArgs),
+    /// Create the server's TLS key and self-signed certificate (server.key, server.crt).
+    GenServerCert(crate::certs::GenServerCertArgs),
+    /// Create a client key and self-signed certificate for pushing (client.key, client.crt).
+    GenClientCert(crate::certs::GenClientCertArgs),
+    /// Authorize a client certificate: append it to the --client-certs bundle.
+    AddClient(crate::certs::AddClientArgs),
+    /// List the authorized client certificates.
+    ListClients(crate::certs::ListClientsArgs),
+    /// Revoke a client certificate by fingerprint or subject.
+    RemoveClient(crate::certs::RemoveClientArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -51,6 +61,24 @@ pub struct ServeArgs {
     /// Serve only the asset index (Capabilities and Remote Asset), no CAS or ByteStream.
     #[arg(long)]
     pub index_only: bool,
+
+    /// Private server key for TLS (PEM). Enables TLS, together with --server-cert.
+    #[arg(long, value_name = "FILE")]
+    pub server_key: Option<PathBuf>,
+
+    /// Public server certificate for TLS (PEM), optionally followed by its chain.
+    #[arg(long, value_name = "FILE")]
+    pub server_cert: Option<PathBuf>,
+
+    /// Client certificates allowed to connect (PEM bundle, e.g. certs/authorized.crt).
+    /// Requires TLS; every client must then present one of them. Manage it with
+    /// add-client/remove-client; changes apply to new connections without a restart.
+    #[arg(long, value_name = "FILE")]
+    pub client_certs: Option<PathBuf>,
+
+    /// How often to check the TLS files for changes, in seconds (0: only on SIGHUP).
+    #[arg(long, value_name = "SECONDS", default_value_t = 2.0)]
+    pub tls_watch_interval: f64,
 
     /// Log verbosity.
     #[arg(long, value_enum, default_value_t = LogLevel::Warning)]

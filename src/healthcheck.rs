@@ -1,6 +1,10 @@
 //! `healthcheck`: asks a running server for its capabilities and exits 0 when it answers,
 //! 1 otherwise. Meant for container health checks and smoke tests of deployed units, where
 //! no gRPC client is installed.
+//!
+//! Every connection option can also come from a `BST_HEALTHCHECK_*` variable, so that a
+//! container image's fixed `HEALTHCHECK` command adapts to a container's port and TLS set-up
+//! through `-e` (see docs/container.md).
 
 use anyhow::Context;
 use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
@@ -12,23 +16,38 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 #[derive(Args, Debug, Clone)]
 pub struct HealthcheckArgs {
     /// Server address, HOST:PORT.
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "HOST:PORT", env = "BST_HEALTHCHECK_ADDR")]
     pub addr: String,
 
     /// Use TLS, trusting this CA (or self-signed server) certificate (PEM).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "BST_HEALTHCHECK_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
 
     /// Client certificate (PEM) for servers that require one (with --tls-client-key).
-    #[arg(long, value_name = "FILE", requires_all = ["tls_ca", "tls_client_key"])]
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "BST_HEALTHCHECK_TLS_CLIENT_CERT",
+        requires_all = ["tls_ca", "tls_client_key"]
+    )]
     pub tls_client_cert: Option<PathBuf>,
 
     /// Private key (PEM) of --tls-client-cert.
-    #[arg(long, value_name = "FILE", requires = "tls_client_cert")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "BST_HEALTHCHECK_TLS_CLIENT_KEY",
+        requires = "tls_client_cert"
+    )]
     pub tls_client_key: Option<PathBuf>,
 
     /// Name to verify the server certificate against [default: HOST].
-    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    #[arg(
+        long,
+        value_name = "NAME",
+        env = "BST_HEALTHCHECK_TLS_SERVER_NAME",
+        requires = "tls_ca"
+    )]
     pub tls_server_name: Option<String>,
 
     /// REAPI instance name to ask about.

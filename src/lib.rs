@@ -2,6 +2,7 @@
 //! Execution API client. The binary is a thin wrapper around [`cli`] and [`server`].
 
 pub mod admin;
+pub mod certs;
 pub mod cli;
 pub mod healthcheck;
 pub mod logging;
@@ -9,4 +10,5 @@ pub mod server;
 pub mod service;
 pub mod storage;
 pub mod systemd;
+pub mod tls;
 pub mod units;

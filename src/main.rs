@@ -23,6 +23,11 @@ fn main() -> ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(bst_artifact_server::healthcheck::check(&args)))
             .map(|summary| println!("{summary}")),
+        Command::GenServerCert(args) => bst_artifact_server::certs::gen_server_cert(&args),
+        Command::GenClientCert(args) => bst_artifact_server::certs::gen_client_cert(&args),
+        Command::AddClient(args) => bst_artifact_server::certs::add_client(&args),
+        Command::ListClients(args) => bst_artifact_server::certs::list_clients(&args),
+        Command::RemoveClient(args) => bst_artifact_server::certs::remove_client(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -42,6 +42,18 @@ macro_rules! limited {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    // TLS options are checked and the TLS files loaded before anything is started, so a
+    // mistake is reported at once and nothing is left half-started.
+    let tls = match crate::tls::TlsPaths::from_options(
+        args.server_key.as_deref(),
+        args.server_cert.as_deref(),
+        args.client_certs.as_deref(),
+    )? {
+        Some(paths) => Some(crate::tls::Reloader::load(paths)?),
+        None => None,
+    };
+    let tls_watch = Duration::try_from_secs_f64(args.tls_watch_interval)
+        .context("--tls-watch-interval must be a non-negative number of seconds")?;
     let repo = &args.repo;
     // Before the repository is opened, so that a slow start-up is not mistaken for a hang.
     let _watchdog = crate::systemd::spawn_watchdog();
@@ -68,9 +80,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let listener = bind(args.bind, args.port)?;
     let local = listener.local_addr().context("reading the bound address")?;
-    if let Some(path) = &args.port_file {
-        write_port_file(path, local.port())?;
-    }
 
     let asset = AssetService {
         assets,
@@ -116,13 +125,39 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         crate::systemd::notify_stopping(&format!("{signal}: draining in-flight requests"));
         let _ = stop_tx.send(true);
     });
-    // Listener bound, storage open, stop signals handled: clients may come.
-    crate::systemd::notify_ready(&format!("serving on {local}"));
+    let ready_status = format!("serving on {local}");
+    // SIGHUP reloads the TLS files (and must not kill a server without TLS either).
+    let _reload =
+        crate::tls::spawn_reload_triggers(tls.clone(), Some(tls_watch), ready_status.clone())
+            .context("installing the SIGHUP handler")?;
+    // Listener bound, storage open, stop and reload signals handled: clients may come.
+    // The port file is the readiness signal for scripts, so it comes only now: a SIGTERM
+    // sent as soon as it appears must be handled, not kill the process.
+    if let Some(path) = &args.port_file {
+        write_port_file(path, local.port())?;
+    }
+    crate::systemd::notify_ready(&ready_status);
     let mut stopped = stop_rx.clone();
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = router.serve_with_incoming_shutdown(incoming, async move {
+    let shutdown = async move {
         let _ = stopped.wait_for(|s| *s).await;
-    });
+    };
+    type Serving = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    >;
+    let server: Serving = match tls {
+        None => Box::pin(router.serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )),
+        // We accept and do the handshakes ourselves (see crate::tls).
+        Some(reloader) => {
+            let mut accept_stop = stop_rx.clone();
+            let incoming = crate::tls::incoming(listener, reloader, async move {
+                let _ = accept_stop.wait_for(|s| *s).await;
+            });
+            Box::pin(router.serve_with_incoming_shutdown(incoming, shutdown))
+        }
+    };
     tokio::select! {
         result = server => result.context("serving gRPC")?,
         _ = async {

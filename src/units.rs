@@ -38,6 +38,10 @@ pub struct InstallUnitsArgs {
     #[arg(long, default_value_t = 11002)]
     pub push_port: u16,
 
+    /// Address both instances listen on [default: all interfaces, IPv6 and IPv4].
+    #[arg(long, value_name = "ADDR")]
+    pub bind: Option<std::net::IpAddr>,
+
     /// User the services run as; it must own the repository.
     #[arg(long, default_value = "artifacts")]
     pub user: String,
@@ -136,12 +140,18 @@ pub fn render(args: &InstallUnitsArgs) -> anyhow::Result<Vec<Unit>> {
         "yes"
     };
 
+    // Empty or "--bind ADDR " so that the default keeps the server's IPv4 fallback.
+    let bind = args
+        .bind
+        .map(|a| format!("--bind {a} "))
+        .unwrap_or_default();
     let fill = |template: &str, port: u16| -> anyhow::Result<String> {
         let text = template
             .replace("@BINARY@", &unit_path(&binary, true)?)
             .replace("@CERTS_DIR@", &unit_path(&certs_dir, true)?)
             .replace("@REPO@", &unit_path(&repo, true)?)
             .replace("@PORT@", &port.to_string())
+            .replace("@BIND@", &bind)
             .replace("@USER@", &args.user)
             .replace("@PROTECT_HOME@", protect_home);
         // ReadWritePaths= takes no $ substitution, so `$$` there would be taken literally.

@@ -4,10 +4,11 @@
 //! closure is stored, and a fetch whose closure has gone missing answers NOT_FOUND rather
 //! than pointing the client at holes. In `--index-only` mode there is no CAS to check.
 
-use super::{blocking, check_digest_function, digest_arg, tree_status, ServiceConfig};
+use super::{blocking, cas_status, check_digest_function, digest_arg, tree_status, ServiceConfig};
 use crate::storage::asset::{AssetEntry, AssetKind, AssetStore, Qualifiers};
 use crate::storage::cas::CasStore;
 use crate::storage::digest::{truncate_for_message, Digest};
+use crate::storage::tree::TreeError;
 use crate::storage::{entry_missing_content, first_missing_in_closure};
 use bazel_remote_apis::build::bazel::remote::asset::v1 as ra;
 use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
@@ -91,20 +92,26 @@ impl AssetService {
                     continue;
                 }
                 if let Some(cas) = &cas {
-                    if let Some(missing) =
-                        entry_missing_content(cas, kind, &entry).map_err(tree_status)?
-                    {
-                        tracing::info!(uri = %uri, %missing, "asset references missing content; answering NOT_FOUND");
-                        incomplete = Some(missing);
+                    let unusable = match entry_missing_content(cas, kind, &entry) {
+                        Ok(missing) => missing.map(|d| {
+                            format!("the content it references is no longer stored (first missing: {d})")
+                        }),
+                        Err(TreeError::Cas(e)) => return Err(cas_status(e)),
+                        // A tree that cannot be walked (casd stores entries unchecked) is
+                        // as useless as an incomplete one, and BuildStream reports any
+                        // code but NOT_FOUND as a failure of the remote.
+                        Err(e) => Some(e.to_string()),
+                    };
+                    if let Some(why) = unusable {
+                        tracing::info!(uri = %uri, %why, "asset is unusable; answering NOT_FOUND");
+                        incomplete = Some(why);
                         continue;
                     }
                 }
                 return Ok(entry);
             }
             Err(Status::not_found(match incomplete {
-                Some(missing) => format!(
-                    "asset found, but the content it references is no longer stored (first missing: {missing})"
-                ),
+                Some(why) => format!("asset found, but {why}"),
                 None => "asset not found".to_owned(),
             }))
         })

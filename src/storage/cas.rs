@@ -415,10 +415,10 @@ impl CasStore {
                 }
                 true
             }
-            Ok(m) => {
-                self.quarantine(d, &format!("{} bytes on disk", m.len()));
-                false
-            }
+            // The size in a request comes from the client: a mismatch only says this
+            // digest is absent, not that the stored object is damaged. A truncated object
+            // (after a power loss) is replaced by the next upload of its digest.
+            Ok(_) => false,
             Err(_) => false,
         }
     }
@@ -433,7 +433,6 @@ impl CasStore {
                     .map_err(|e| CasError::io(format!("reading metadata of {d}"), e))?
                     .len();
                 if len != d.size() {
-                    self.quarantine(d, &format!("{len} bytes on disk"));
                     return Ok(None);
                 }
                 if self.refresh_lru {
@@ -895,7 +894,7 @@ mod tests {
     }
 
     #[test]
-    fn wrong_sized_object_on_disk_is_not_served() {
+    fn wrong_sized_object_on_disk_is_not_served_and_is_replaced() {
         let (_d, cas) = store();
         let d = Digest::of_bytes(b"truncated?");
         let p = cas.path_of(&d);
@@ -903,5 +902,35 @@ mod tests {
         fs::write(&p, b"trunc").unwrap();
         assert!(!cas.contains(&d));
         assert!(cas.read_all(&d).unwrap().is_none());
+        cas.put(&d, b"truncated?").unwrap();
+        assert_eq!(cas.read_all(&d).unwrap().unwrap(), b"truncated?");
+    }
+
+    #[test]
+    fn asking_with_a_wrong_size_leaves_the_blob_alone() {
+        let (_d, cas) = store();
+        let d = Digest::of_bytes(b"good");
+        cas.put(&d, b"good").unwrap();
+        let wrong = Digest::new(d.hash(), 3).unwrap();
+        assert!(!cas.contains(&wrong));
+        assert!(cas.read_all(&wrong).unwrap().is_none());
+        assert!(cas.contains(&d));
+    }
+
+    #[test]
+    fn content_that_fails_its_hash_is_quarantined() {
+        let (dir, cas) = store();
+        let d = Digest::of_bytes(b"original");
+        let p = cas.path_of(&d);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, b"ORIGINAL").unwrap();
+        assert!(cas.read_all(&d).unwrap().is_none());
+        assert!(!p.exists());
+        assert_eq!(
+            fs::read_dir(dir.path().join("cas/quarantine"))
+                .unwrap()
+                .count(),
+            1
+        );
     }
 }

@@ -37,7 +37,8 @@ impl Server {
             .args(extra)
             .arg(repo)
             .stdin(Stdio::null())
-            .stdout(Stdio::null());
+            .stdout(Stdio::null())
+            .stderr(log_file(scratch.path()));
         adjust(&mut cmd);
         let mut child = cmd.spawn().expect("starting bst-artifact-server");
         let port = wait_for_port_file(&port_file, &mut child);
@@ -71,7 +72,20 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The server's log is kept out of passing tests' output, and shown for failures.
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self._scratch.path().join("server.log"));
+            eprintln!(
+                "--- server log ({}) ---\n{}",
+                self.url(),
+                log.unwrap_or_default()
+            );
+        }
     }
+}
+
+fn log_file(dir: &Path) -> std::fs::File {
+    std::fs::File::create(dir.join("server.log")).expect("creating the server log")
 }
 
 pub fn wait_for_port_file(port_file: &Path, child: &mut Child) -> u16 {
@@ -399,6 +413,7 @@ impl Server {
             .arg(repo)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(log_file(scratch.path()))
             .spawn()
             .expect("starting bst-artifact-server");
         let port = wait_for_port_file(&port_file, &mut child);
@@ -413,5 +428,108 @@ impl Server {
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
+    }
+}
+
+/// Remote Asset client helpers for the gRPC protocol tests.
+pub mod asset {
+    use super::grpc::bounded;
+    use bazel_remote_apis::build::bazel::remote::asset::v1 as ra;
+    use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
+    use ra::fetch_client::FetchClient;
+    use ra::push_client::PushClient;
+    use tonic::transport::Channel;
+    use tonic::Status;
+
+    pub fn quals(q: &[(&str, &str)]) -> Vec<ra::Qualifier> {
+        q.iter()
+            .map(|(n, v)| ra::Qualifier {
+                name: (*n).into(),
+                value: (*v).into(),
+            })
+            .collect()
+    }
+
+    pub fn uris(u: &[&str]) -> Vec<String> {
+        u.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    pub async fn fetch_blob(
+        ch: &Channel,
+        u: &[&str],
+        q: &[(&str, &str)],
+    ) -> Result<ra::FetchBlobResponse, Status> {
+        fetch_blob_req(
+            ch,
+            ra::FetchBlobRequest {
+                uris: uris(u),
+                qualifiers: quals(q),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    pub async fn fetch_blob_req(
+        ch: &Channel,
+        r: ra::FetchBlobRequest,
+    ) -> Result<ra::FetchBlobResponse, Status> {
+        bounded(FetchClient::new(ch.clone()).fetch_blob(r))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn fetch_dir(
+        ch: &Channel,
+        u: &[&str],
+        q: &[(&str, &str)],
+    ) -> Result<ra::FetchDirectoryResponse, Status> {
+        fetch_dir_req(
+            ch,
+            ra::FetchDirectoryRequest {
+                uris: uris(u),
+                qualifiers: quals(q),
+                ..Default::default()
+            },
+        )
+        .await
+    }
+
+    pub async fn fetch_dir_req(
+        ch: &Channel,
+        r: ra::FetchDirectoryRequest,
+    ) -> Result<ra::FetchDirectoryResponse, Status> {
+        bounded(FetchClient::new(ch.clone()).fetch_directory(r))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// A PushBlob with no qualifiers, references or expiry, as BuildStream sends them.
+    pub fn push_blob_req(u: &[&str], d: &reapi::Digest) -> ra::PushBlobRequest {
+        ra::PushBlobRequest {
+            uris: uris(u),
+            blob_digest: Some(d.clone()),
+            ..Default::default()
+        }
+    }
+
+    pub fn push_dir_req(u: &[&str], d: &reapi::Digest) -> ra::PushDirectoryRequest {
+        ra::PushDirectoryRequest {
+            uris: uris(u),
+            root_directory_digest: Some(d.clone()),
+            ..Default::default()
+        }
+    }
+
+    pub async fn push_blob(ch: &Channel, r: ra::PushBlobRequest) -> Result<(), Status> {
+        bounded(PushClient::new(ch.clone()).push_blob(r))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn push_dir(ch: &Channel, r: ra::PushDirectoryRequest) -> Result<(), Status> {
+        bounded(PushClient::new(ch.clone()).push_directory(r))
+            .await
+            .map(|_| ())
     }
 }

@@ -1,0 +1,552 @@
+//! google.bytestream.ByteStream against the real binary: the resource-name forms
+//! buildbox-casd uses, chunked transfers of large blobs, every way a Write stream can be
+//! wrong, and the store surviving concurrent uploads and directories deleted under it.
+mod common;
+
+use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
+use bazel_remote_apis::google::bytestream::{QueryWriteStatusRequest, WriteRequest};
+use common::grpc::*;
+use common::Server;
+use std::path::Path;
+use tonic::transport::Channel;
+use tonic::Code;
+
+fn push_server(extra: &[&str]) -> (tempfile::TempDir, Server) {
+    let repo = tempfile::tempdir().unwrap();
+    let mut args = vec!["--enable-push"];
+    args.extend_from_slice(extra);
+    let server = Server::start(repo.path(), &args);
+    (repo, server)
+}
+
+/// Asserts that a blob is absent both to clients and on disk, and that the failed upload
+/// left no temporary file behind.
+async fn assert_not_stored(ch: &Channel, repo: &Path, data: &[u8]) {
+    let d = digest(data);
+    let missing = find_missing(ch, std::slice::from_ref(&d)).await.unwrap();
+    assert_eq!(missing, vec![d.clone()]);
+    assert!(!blob_path(repo, &d.hash).exists());
+    // The temporary file goes when the failed upload is dropped, which the server may do
+    // just after answering.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !tmp_entries(repo).is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(tmp_entries(repo), Vec::<std::path::PathBuf>::new());
+}
+
+async fn assert_stored(ch: &Channel, repo: &Path, data: &[u8]) {
+    let d = digest(data);
+    assert!(find_missing(ch, std::slice::from_ref(&d))
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(std::fs::read(blob_path(repo, &d.hash)).unwrap() == data);
+    assert!(read(ch, &read_name("", &d), 0, 0).await.unwrap() == data);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn write_accepts_every_resource_name_form() {
+    let (repo, server) = push_server(&["--instance-name", "foo"]);
+    let ch = server.channel().await;
+    let blobs: Vec<Vec<u8>> = (0..5)
+        .map(|i| pseudo_random(100 + i, 1000 + i as usize))
+        .collect();
+    let d: Vec<_> = blobs.iter().map(|b| digest(b)).collect();
+    let uuid = uuid::Uuid::new_v4();
+    let names = [
+        upload_name("", &d[0]),
+        upload_name("foo", &d[1]),
+        format!(
+            "uploads/{uuid}/blobs/{}/{}/build/tool/metadata",
+            d[2].hash, d[2].size_bytes
+        ),
+        // buildbox-casd's own form, without an upload id.
+        format!("uploads/blobs/{}/{}", d[3].hash, d[3].size_bytes),
+        format!("foo/uploads/blobs/{}/{}", d[4].hash, d[4].size_bytes),
+    ];
+    for (name, blob) in names.iter().zip(&blobs) {
+        let r = write(&ch, name, blob, 300).await;
+        assert_eq!(r.unwrap().committed_size, blob.len() as i64, "{name}");
+    }
+    for (blob, d) in blobs.iter().zip(&d) {
+        assert_stored(&ch, repo.path(), blob).await;
+        // Instance names all share one store.
+        assert!(read(&ch, &read_name("foo", d), 0, 0).await.unwrap() == *blob);
+    }
+    let extra = pseudo_random(110, 10);
+    let r = write(&ch, &upload_name("bar", &digest(&extra)), &extra, 1024).await;
+    assert_code(r, Code::InvalidArgument);
+    let r = read(&ch, &read_name("bar", &d[0]), 0, 0).await;
+    assert_code(r, Code::InvalidArgument);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn large_blob_round_trip_in_chunks() {
+    let (repo, server) = push_server(&[]);
+    let ch = server.channel().await;
+    let blob = pseudo_random(200, 8 * 1024 * 1024 + 12345);
+    let d = digest(&blob);
+    let msgs = write_requests(&upload_name("", &d), &blob, CASD_CHUNK);
+    assert_eq!(msgs.len(), 5);
+    let r = write_msgs(&ch, msgs).await.unwrap();
+    assert_eq!(r.committed_size, d.size_bytes);
+    assert!(std::fs::read(blob_path(repo.path(), &d.hash)).unwrap() == blob);
+
+    let name = read_name("", &d);
+    let chunks = read_chunks(&ch, &name, 0, 0).await.unwrap();
+    assert!(chunks.len() >= 5, "{} chunks", chunks.len());
+    for c in &chunks {
+        assert!(
+            !c.is_empty() && c.len() <= 2 << 20,
+            "chunk of {} bytes",
+            c.len()
+        );
+    }
+    assert!(chunks.concat() == blob);
+
+    let (off, lim) = (3 * 1024 * 1024 + 7, 1024 * 1024 + 5);
+    let part = read(&ch, &name, off as i64, lim as i64).await.unwrap();
+    assert!(part == blob[off..off + lim]);
+    let tail = read(&ch, &name, off as i64, 0).await.unwrap();
+    assert!(tail == blob[off..]);
+    let beyond = read(&ch, &name, blob.len() as i64 - 10, 1000)
+        .await
+        .unwrap();
+    assert!(beyond == blob[blob.len() - 10..]);
+    let head = read(&ch, &name, 0, 1).await.unwrap();
+    assert_eq!(head, blob[..1]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn write_with_wrong_content_stores_nothing() {
+    let (repo, server) = push_server(&[]);
+    let ch = server.channel().await;
+    let claimed = pseudo_random(300, 3 << 20);
+    let d = digest(&claimed);
+    let name = upload_name("", &d);
+
+    // Same size, different bytes: the hash check at the end must catch it.
+    let mut other = claimed.clone();
+    other[1 << 20] ^= 1;
+    assert_code(
+        write(&ch, &name, &other, CASD_CHUNK).await,
+        Code::InvalidArgument,
+    );
+    assert_not_stored(&ch, repo.path(), &claimed).await;
+    assert_not_stored(&ch, repo.path(), &other).await;
+
+    // Too few bytes, then finish_write.
+    let short = &claimed[..claimed.len() - 1];
+    let r = write(&ch, &upload_name("", &d), short, CASD_CHUNK).await;
+    assert_code(r, Code::InvalidArgument);
+    assert_not_stored(&ch, repo.path(), &claimed).await;
+
+    // More bytes than the name declares, in one message and across messages.
+    let mut long = claimed.clone();
+    long.push(0);
+    let r = write(&ch, &upload_name("", &d), &long, CASD_CHUNK).await;
+    assert_code(r, Code::InvalidArgument);
+    let r = write(&ch, &upload_name("", &d), &long, long.len()).await;
+    assert_code(r, Code::InvalidArgument);
+    assert_not_stored(&ch, repo.path(), &claimed).await;
+
+    // An empty blob is still checked against its name.
+    let zero = reapi::Digest {
+        hash: d.hash.clone(),
+        size_bytes: 0,
+    };
+    let r = write(&ch, &upload_name("", &zero), b"", 1).await;
+    assert_code(r, Code::InvalidArgument);
+
+    // The blob can still be uploaded properly afterwards.
+    let r = write(&ch, &upload_name("", &d), &claimed, CASD_CHUNK).await;
+    assert_eq!(r.unwrap().committed_size, d.size_bytes);
+    assert_stored(&ch, repo.path(), &claimed).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn write_protocol_violations_are_failed_precondition() {
+    let (repo, server) = push_server(&[]);
+    let ch = server.channel().await;
+    let blob = pseudo_random(400, 3000);
+    let d = digest(&blob);
+    let name = upload_name("", &d);
+
+    // A gap in the offsets.
+    let mut msgs = write_requests(&name, &blob, 1000);
+    msgs[1].write_offset += 1;
+    assert_code(write_msgs(&ch, msgs).await, Code::FailedPrecondition);
+    // The same chunk sent twice.
+    let mut msgs = write_requests(&name, &blob, 1000);
+    msgs[1].write_offset = 0;
+    assert_code(write_msgs(&ch, msgs).await, Code::FailedPrecondition);
+    // A first message that does not start at 0.
+    let mut msgs = write_requests(&name, &blob, 1000);
+    msgs[0].write_offset = 5;
+    assert_code(write_msgs(&ch, msgs).await, Code::FailedPrecondition);
+    assert_not_stored(&ch, repo.path(), &blob).await;
+
+    // Another resource name in the middle of the stream.
+    let mut msgs = write_requests(&name, &blob, 1000);
+    msgs[1].resource_name = upload_name("", &d);
+    assert_code(write_msgs(&ch, msgs).await, Code::FailedPrecondition);
+    assert_not_stored(&ch, repo.path(), &blob).await;
+
+    // The stream ends with every byte sent but no finish_write: nothing may be committed.
+    let mut msgs = write_requests(&name, &blob, 1000);
+    msgs.last_mut().unwrap().finish_write = false;
+    assert_code(write_msgs(&ch, msgs).await, Code::FailedPrecondition);
+    assert_not_stored(&ch, repo.path(), &blob).await;
+
+    // A stream with no message at all.
+    assert!(write_msgs(&ch, vec![]).await.is_err());
+
+    // Repeating the same name on every message is allowed.
+    let mut msgs = write_requests(&name, &blob, 1000);
+    for m in &mut msgs {
+        m.resource_name = name.clone();
+    }
+    assert_eq!(write_msgs(&ch, msgs).await.unwrap().committed_size, 3000);
+    assert_stored(&ch, repo.path(), &blob).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_resource_names_are_invalid_argument() {
+    let (repo, server) = push_server(&[]);
+    let ch = server.channel().await;
+    let data = b"hello".to_vec();
+    let d = digest(&data);
+    let (h, u) = (&d.hash, uuid::Uuid::new_v4());
+    let bad_writes = [
+        String::new(),
+        "uploads/x/blobs/../../etc/passwd/5".into(),
+        "../../../../etc/passwd".into(),
+        format!("uploads/{u}/blobs/../{}/5", &h[3..]),
+        format!("blobs/{h}/5"),
+        format!("{h}/5"),
+        format!("uploads/{u}/blobs/{h}"),
+        format!("uploads/{u}/blobs/{h}/"),
+        format!("uploads/{u}/blobs/{h}/five"),
+        format!("uploads/{u}/blobs/{h}/-5"),
+        format!("uploads/{u}/blobs/{h}/+5"),
+        format!("uploads/{u}/blobs/{}/5", h.to_uppercase()),
+        format!("uploads/{u}/blobs/{}/5", &h[1..]),
+        format!("uploads/{u}/blobs/{h}0/5"),
+        format!("uploads//blobs/{h}/5"),
+        format!("uploads/{u}/{h}/5"),
+        format!("uploads/{u}/compressed-blobs/zstd/{h}/5"),
+        format!("uploads/{u}/compressed-blobs/deflate/{h}/5"),
+        format!("../uploads/{u}/blobs/{h}/5"),
+    ];
+    for name in &bad_writes {
+        let msgs = vec![WriteRequest {
+            resource_name: name.clone(),
+            write_offset: 0,
+            finish_write: true,
+            data: data.clone(),
+        }];
+        let r = write_msgs(&ch, msgs).await;
+        assert_eq!(
+            r.as_ref().map_err(|s| s.code()).err(),
+            Some(Code::InvalidArgument),
+            "write {name:?}: {r:?}"
+        );
+    }
+    let bad_reads = [
+        String::new(),
+        "blobs/../../etc/passwd/5".into(),
+        format!("blobs/{h}"),
+        format!("blobs/{h}/5/extra"),
+        format!("blobs/{h}/x"),
+        format!("blobs/{}/5", h.to_uppercase()),
+        format!("{h}/5"),
+        format!("uploads/{u}/blobs/{h}/5"),
+        format!("compressed-blobs/zstd/{h}/5"),
+    ];
+    for name in &bad_reads {
+        let r = read(&ch, name, 0, 0).await;
+        assert_eq!(
+            r.as_ref().map_err(|s| s.code()).err(),
+            Some(Code::InvalidArgument),
+            "read {name:?}"
+        );
+    }
+    assert_not_stored(&ch, repo.path(), &data).await;
+    let stored = walk_files(&repo.path().join("cas/objects"));
+    assert!(stored.is_empty(), "{stored:?}");
+}
+
+fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk_files(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn re_upload_of_a_stored_blob() {
+    let (repo, server) = push_server(&[]);
+    let ch = server.channel().await;
+    let blob = pseudo_random(500, 2 << 20);
+    let d = digest(&blob);
+    for _ in 0..2 {
+        let r = write(&ch, &upload_name("", &d), &blob, 1 << 20).await;
+        assert_eq!(r.unwrap().committed_size, d.size_bytes);
+    }
+    let small = pseudo_random(501, 10);
+    assert_eq!(batch_update(&ch, &[&small]).await.unwrap(), vec![Code::Ok]);
+    let r = write(&ch, &upload_name("", &digest(&small)), &small, 4).await;
+    assert_eq!(r.unwrap().committed_size, 10);
+    assert_eq!(batch_update(&ch, &[&small]).await.unwrap(), vec![Code::Ok]);
+    // A re-upload is verified like any other: bad bytes fail and leave the copy intact.
+    let mut bad = blob.clone();
+    bad[7] ^= 0xff;
+    let r = write(&ch, &upload_name("", &d), &bad, 1 << 20).await;
+    assert_code(r, Code::InvalidArgument);
+    assert_stored(&ch, repo.path(), &blob).await;
+    assert_stored(&ch, repo.path(), &small).await;
+    // The empty blob needs no storage but may be uploaded all the same.
+    let r = write(&ch, &upload_name("", &digest(b"")), b"", 1).await;
+    assert_eq!(r.unwrap().committed_size, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn identical_concurrent_uploads_all_succeed() {
+    let (repo, server) = push_server(&[]);
+    let ch = server.channel().await;
+    let blob = std::sync::Arc::new(pseudo_random(600, 5 << 20));
+    let d = digest(&blob);
+    // Half with their own upload ids, half under casd's shared id-less name.
+    let casd_name = format!("uploads/blobs/{}/{}", d.hash, d.size_bytes);
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let (ch, blob) = (ch.clone(), blob.clone());
+            let name = if i % 2 == 0 {
+                upload_name("", &d)
+            } else {
+                casd_name.clone()
+            };
+            // Small chunks so that the uploads interleave on the server.
+            tokio::spawn(async move { write(&ch, &name, &blob, 256 << 10).await })
+        })
+        .collect();
+    for t in tasks {
+        let r = bounded(t).await.unwrap();
+        assert_eq!(r.unwrap().committed_size, d.size_bytes);
+    }
+    assert_stored(&ch, repo.path(), &blob).await;
+    assert_eq!(tmp_entries(repo.path()), Vec::<std::path::PathBuf>::new());
+}
+
+/// Some blob whose hash falls in the given shard directory.
+fn blob_in_shard(shard: &str, seed: u64) -> Vec<u8> {
+    (seed..)
+        .map(|s| pseudo_random(s, 64))
+        .find(|b| sha256_hex(b).starts_with(shard))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn uploads_survive_directories_removed_under_the_server() {
+    let (repo, server) = push_server(&[]);
+    let ch = server.channel().await;
+    let objects = repo.path().join("cas/objects");
+    let first = pseudo_random(700, 100);
+    upload(&ch, &[&first]).await;
+    let shard = sha256_hex(&first)[..2].to_owned();
+
+    // Just the shard directory, as an operator cleaning up by hand might.
+    std::fs::remove_dir_all(objects.join(&shard)).unwrap();
+    let same_shard = blob_in_shard(&shard, 10_000);
+    let d = digest(&same_shard);
+    let r = write(&ch, &upload_name("", &d), &same_shard, 16).await;
+    assert_eq!(r.unwrap().committed_size, 64);
+    assert_stored(&ch, repo.path(), &same_shard).await;
+    assert_eq!(find_missing(&ch, &[digest(&first)]).await.unwrap().len(), 1);
+
+    // The whole object directory (BuildStream's test_pull_missing_blob does this).
+    std::fs::remove_dir_all(&objects).unwrap();
+    let big = pseudo_random(701, 3 << 20);
+    let small = pseudo_random(702, 1000);
+    let r = write(&ch, &upload_name("", &digest(&big)), &big, CASD_CHUNK).await;
+    assert_eq!(r.unwrap().committed_size, big.len() as i64);
+    assert_eq!(batch_update(&ch, &[&small]).await.unwrap(), vec![Code::Ok]);
+    assert_stored(&ch, repo.path(), &big).await;
+    assert_stored(&ch, repo.path(), &small).await;
+    // Blobs lost with the directory are reported missing and can be uploaded again.
+    let lost = find_missing(&ch, &[digest(&first), digest(&same_shard)])
+        .await
+        .unwrap();
+    assert_eq!(lost.len(), 2);
+    upload(&ch, &[&first, &same_shard]).await;
+    assert_stored(&ch, repo.path(), &first).await;
+
+    // The staging directory too.
+    std::fs::remove_dir_all(repo.path().join("cas/tmp")).unwrap();
+    let after = pseudo_random(703, 2 << 20);
+    let r = write(&ch, &upload_name("", &digest(&after)), &after, CASD_CHUNK).await;
+    assert_eq!(r.unwrap().committed_size, after.len() as i64);
+    assert_stored(&ch, repo.path(), &after).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn read_ranges_and_errors() {
+    let (_repo, server) = push_server(&["--instance-name", "foo"]);
+    let ch = server.channel().await;
+    let blob = pseudo_random(800, 1000);
+    let d = digest(&blob);
+    upload(&ch, &[&blob]).await;
+    let name = read_name("", &d);
+
+    assert!(read(&ch, &name, 0, 0).await.unwrap() == blob);
+    assert!(read(&ch, &read_name("foo", &d), 0, 0).await.unwrap() == blob);
+    assert!(read(&ch, &name, 10, 20).await.unwrap() == blob[10..30]);
+    assert!(read(&ch, &name, 999, 0).await.unwrap() == blob[999..]);
+    // Reading from the very end is an empty read, not an error.
+    assert!(read(&ch, &name, 1000, 0).await.unwrap().is_empty());
+    assert!(read(&ch, &name, 1000, 5).await.unwrap().is_empty());
+    assert_code(read(&ch, &name, 1001, 0).await, Code::OutOfRange);
+    assert_code(read(&ch, &name, i64::MAX, 0).await, Code::OutOfRange);
+    assert_code(read(&ch, &name, -1, 0).await, Code::OutOfRange);
+    assert_code(read(&ch, &name, 0, -1).await, Code::OutOfRange);
+
+    let absent = digest(b"absent");
+    assert_code(
+        read(&ch, &read_name("", &absent), 0, 0).await,
+        Code::NotFound,
+    );
+    assert_code(
+        read(&ch, &read_name("nope", &d), 0, 0).await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        read(&ch, "blobs/nothex/5", 0, 0).await,
+        Code::InvalidArgument,
+    );
+    // The empty blob is always there.
+    assert!(read(&ch, &read_name("", &digest(b"")), 0, 0)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn query_write_status() {
+    let (_repo, server) = push_server(&[]);
+    let ch = server.channel().await;
+    let blob = pseudo_random(900, 3 << 20);
+    let d = digest(&blob);
+    let name = upload_name("", &d);
+    let qws = |name: String| {
+        let mut client = bytestream(&ch);
+        async move {
+            bounded(client.query_write_status(QueryWriteStatusRequest {
+                resource_name: name,
+            }))
+            .await
+            .map(|r| r.into_inner())
+        }
+    };
+    assert_code(qws(name.clone()).await, Code::NotFound);
+    assert_code(qws("garbage".into()).await, Code::InvalidArgument);
+
+    // While an upload is under way its progress is visible under its name.
+    let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
+    let mut client = bytestream(&ch);
+    let upload = tokio::spawn(async move {
+        client
+            .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    let mut msgs = write_requests(&name, &blob, 1 << 20).into_iter();
+    tx.send(msgs.next().unwrap()).await.unwrap();
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    loop {
+        if let Ok(s) = qws(name.clone()).await {
+            if s.committed_size == 1 << 20 {
+                assert!(!s.complete);
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "progress never showed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for m in msgs {
+        tx.send(m).await.unwrap();
+    }
+    drop(tx);
+    let r = bounded(upload).await.unwrap().unwrap().into_inner();
+    assert_eq!(r.committed_size, d.size_bytes);
+
+    let s = qws(name).await.unwrap();
+    assert!(s.complete);
+    assert_eq!(s.committed_size, d.size_bytes);
+    // Any upload name for a stored blob reports it complete.
+    let s = qws(upload_name("", &d)).await.unwrap();
+    assert!(s.complete);
+    assert_eq!(s.committed_size, d.size_bytes);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_abandoned_upload_leaves_nothing_behind() {
+    let (repo, server) = push_server(&[]);
+    let ch = server.channel().await;
+    let blob = pseudo_random(1000, 3 << 20);
+    let d = digest(&blob);
+    let name = upload_name("", &d);
+    let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
+    let mut client = bytestream(&ch);
+    let upload = tokio::spawn(async move {
+        client
+            .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    tx.send(write_requests(&name, &blob, 1 << 20).remove(0))
+        .await
+        .unwrap();
+    let query = |name: String| {
+        let mut client = bytestream(&ch);
+        async move {
+            bounded(client.query_write_status(QueryWriteStatusRequest {
+                resource_name: name,
+            }))
+            .await
+            .map(|r| r.into_inner().committed_size)
+        }
+    };
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    while query(name.clone()).await.ok() != Some(1 << 20) {
+        assert!(std::time::Instant::now() < deadline, "upload never started");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(tmp_entries(repo.path()).len(), 1);
+    // The client goes away without ending its stream (the call is cancelled).
+    upload.abort();
+    let _ = upload.await;
+    drop(tx);
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    while !tmp_entries(repo.path()).is_empty() || query(name.clone()).await.is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the abandoned upload was never cleaned up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_code(query(name.clone()).await, Code::NotFound);
+    assert_not_stored(&ch, repo.path(), &blob).await;
+    // The same upload can be made afresh.
+    let r = write(&ch, &upload_name("", &d), &blob, CASD_CHUNK).await;
+    assert_eq!(r.unwrap().committed_size, d.size_bytes);
+}
