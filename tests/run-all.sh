@@ -38,6 +38,7 @@ required_tools=(
     journalctl:systemd        # tests/journald.rs (with /lib/systemd/systemd-journald)
     unshare:util-linux        # tests/scripts/private-journald.sh
     mount:mount               # tests/storage_robustness.rs (small tmpfs)
+    debootstrap:debootstrap   # tests/scripts/build-base-image.sh (systemd_container.rs)
 )
 apt_missing=()
 for entry in "${required_tools[@]}"; do
@@ -57,6 +58,15 @@ if [ "${#apt_missing[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     as_root apt-get update -q
     as_root apt-get install -y -q --no-install-recommends "${apt_missing[@]}"
+fi
+
+# --- podman, for tests/container.rs -------------------------------------------------------
+# Installs podman (and writes the containers.conf this VM kind needs) only when missing.
+# The container test needs root anyway, so a run without root skips it instead.
+if [ "$(id -u)" -eq 0 ]; then
+    "$REPO_ROOT/tests/scripts/setup-podman.sh"
+else
+    log "not root: not setting up podman (tests/container.rs will be skipped)"
 fi
 
 # --- BuildStream in a venv --------------------------------------------------------------
