@@ -7,31 +7,14 @@ use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
 use bazel_remote_apis::google::bytestream::{byte_stream_client::ByteStreamClient, WriteRequest};
 use common::Server;
 use reapi::content_addressable_storage_client::ContentAddressableStorageClient;
-use sha2::{Digest as _, Sha256};
 use std::path::Path;
 use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::Code;
 
 fn blob(seed: u64, size: usize) -> (reapi::Digest, Vec<u8>) {
-    // Cheap deterministic bytes that differ per seed.
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let data: Vec<u8> = (0..size)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    (digest_of(&data), data)
-}
-
-fn digest_of(data: &[u8]) -> reapi::Digest {
-    reapi::Digest {
-        hash: hex::encode(Sha256::digest(data)),
-        size_bytes: data.len() as i64,
-    }
+    let data = common::grpc::pseudo_random(seed, size);
+    (common::grpc::digest(&data), data)
 }
 
 async fn upload(
@@ -177,7 +160,10 @@ async fn an_asset_hit_keeps_its_whole_closure() {
     let mut fetch = ra::fetch_client::FetchClient::new(channel);
 
     let (x1, x2) = (blob(21, 100_000), blob(22, 100_000));
-    let artifact = (digest_of(b"artifact proto"), b"artifact proto".to_vec());
+    let artifact = (
+        common::grpc::digest(b"artifact proto"),
+        b"artifact proto".to_vec(),
+    );
     for b in [&x1, &x2, &artifact] {
         assert_eq!(upload(&mut cas, b).await, 0);
     }

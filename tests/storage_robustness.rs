@@ -16,20 +16,8 @@ use tonic::Code;
 const MIB: usize = 1 << 20;
 
 fn blob(seed: u64, size: usize) -> (reapi::Digest, Vec<u8>) {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let data: Vec<u8> = (0..size)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    let d = reapi::Digest {
-        hash: hex::encode(Sha256::digest(&data)),
-        size_bytes: size as i64,
-    };
-    (d, data)
+    let data = common::grpc::pseudo_random(seed, size);
+    (common::grpc::digest(&data), data)
 }
 
 /// Uploads through ByteStream in 256 KiB chunks; returns the gRPC code.
