@@ -1767,17 +1767,22 @@ fn sha256_scenario(o: &Opts) -> Json {
     j
 }
 
+/// Writes --rounds new files of --blob-size, keeping them all until the end (as a store
+/// keeps its blobs, so the page cache must keep finding new pages), then removes them.
 fn disk_write_scenario(o: &Opts) -> Result<Json> {
     use std::io::Write as _;
     let mut buf = vec![0u8; o.chunk.max(8) as usize];
+    let paths: Vec<PathBuf> = (0..o.rounds.max(1))
+        .map(|r| {
+            o.scratch_dir
+                .join(format!(".loadgen-disk-write-{}-{r}", std::process::id()))
+        })
+        .collect();
     let start = Instant::now();
-    let mut total = 0u64;
-    for r in 0..o.rounds.max(1) {
-        let path = o
-            .scratch_dir
-            .join(format!(".loadgen-disk-write-{}-{r}", std::process::id()));
-        let result = (|| -> Result<()> {
-            let mut f = std::fs::File::create(&path)
+    let result = (|| -> Result<u64> {
+        let mut total = 0u64;
+        for (r, path) in paths.iter().enumerate() {
+            let mut f = std::fs::File::create(path)
                 .with_context(|| format!("creating {}", path.display()))?;
             let mut off = 0u64;
             while off < o.blob_size {
@@ -1786,13 +1791,15 @@ fn disk_write_scenario(o: &Opts) -> Result<Json> {
                 f.write_all(&buf[..n])?;
                 off += n as u64;
             }
-            Ok(())
-        })();
-        let _ = std::fs::remove_file(&path);
-        result?;
-        total += o.blob_size;
-    }
+            total += o.blob_size;
+        }
+        Ok(total)
+    })();
     let secs = start.elapsed().as_secs_f64();
+    for p in &paths {
+        let _ = std::fs::remove_file(p);
+    }
+    let total = result?;
     let mut j = Json::default();
     j.num("seconds", secs)
         .int("bytes", total)

@@ -32,6 +32,10 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// see docs/adr/0001-storage-engine.md).
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(2);
 
+/// Largest HTTP/2 frame we accept: clients that honour it send an upload's data in a
+/// few large frames instead of many 16 KiB ones.
+const MAX_FRAME: u32 = 1 << 20;
+
 /// Applies our message size limits to a generated tonic server type.
 macro_rules! limited {
     ($server:expr) => {
@@ -89,6 +93,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut router = Server::builder()
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(16 << 20))
+        .max_frame_size(Some(MAX_FRAME))
         .add_service(limited!(CapabilitiesServer::new(CapabilitiesService {
             has_cas: cas.is_some(),
         })))

@@ -9,7 +9,7 @@ use common::grpc::*;
 use common::Server;
 use std::path::Path;
 use tonic::transport::Channel;
-use tonic::Code;
+use tonic::{Code, Status};
 
 fn push_server(extra: &[&str]) -> (tempfile::TempDir, Server) {
     let repo = tempfile::tempdir().unwrap();
@@ -531,13 +531,13 @@ async fn an_abandoned_upload_leaves_nothing_behind() {
         assert!(std::time::Instant::now() < deadline, "upload never started");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert_eq!(tmp_entries(repo.path()).len(), 1);
+    assert_eq!(uploads_open(server.pid(), repo.path()), 1);
     // The client goes away without ending its stream (the call is cancelled).
     upload.abort();
     let _ = upload.await;
     drop(tx);
     let deadline = std::time::Instant::now() + common::TIMEOUT;
-    while !tmp_entries(repo.path()).is_empty() || query(name.clone()).await.is_ok() {
+    while uploads_open(server.pid(), repo.path()) != 0 || query(name.clone()).await.is_ok() {
         assert!(
             std::time::Instant::now() < deadline,
             "the abandoned upload was never cleaned up"
@@ -549,4 +549,90 @@ async fn an_abandoned_upload_leaves_nothing_behind() {
     // The same upload can be made afresh.
     let r = write(&ch, &upload_name("", &d), &blob, CASD_CHUNK).await;
     assert_eq!(r.unwrap().committed_size, d.size_bytes);
+}
+
+/// Reads a whole blob and returns how many bytes arrived and how the stream ended.
+async fn read_counting(ch: &Channel, d: &reapi::Digest) -> (usize, Result<(), Status>) {
+    let mut stream = match bounded(bytestream(ch).read(
+        bazel_remote_apis::google::bytestream::ReadRequest {
+            resource_name: read_name("", d),
+            read_offset: 0,
+            read_limit: 0,
+        },
+    ))
+    .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(e) => return (0, Err(e)),
+    };
+    let mut got = 0;
+    loop {
+        match bounded(stream.message()).await {
+            Ok(Some(r)) => got += r.data.len(),
+            Ok(None) => return (got, Ok(())),
+            Err(e) => return (got, Err(e)),
+        }
+    }
+}
+
+/// Flips one byte of a stored object in place (as damage on disk would).
+fn damage_in_place(path: &Path, at: u64) {
+    use std::os::unix::fs::{FileExt, PermissionsExt};
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0xff], at).unwrap();
+    drop(f);
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444)).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_damaged_large_blob_is_never_served_whole() {
+    let repo = tempfile::tempdir().unwrap();
+    // Large enough for the separate verification thread and direct writes.
+    let blob = pseudo_random(1100, (6 << 20) + 123);
+    let d = digest(&blob);
+    let path = blob_path(repo.path(), &d.hash);
+    {
+        let server = Server::start(repo.path(), &["--enable-push"]);
+        let ch = server.channel().await;
+        upload(&ch, &[&blob]).await;
+        assert!(read(&ch, &read_name("", &d), 0, 0).await.unwrap() == blob);
+    }
+    // Damage found by a new process (as after a power loss): the last chunk is withheld,
+    // the object quarantined, and the blob reported missing so it gets uploaded again.
+    damage_in_place(&path, 3 << 20);
+    let server = Server::start(repo.path(), &["--enable-push"]);
+    let ch = server.channel().await;
+    let (got, end) = read_counting(&ch, &d).await;
+    assert_eq!(end.unwrap_err().code(), Code::DataLoss);
+    assert!(
+        got < blob.len(),
+        "all {got} bytes of a damaged blob were sent"
+    );
+    assert!(!path.exists());
+    assert_eq!(
+        find_missing(&ch, std::slice::from_ref(&d))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    upload(&ch, &[&blob]).await;
+    let (got, end) = read_counting(&ch, &d).await;
+    end.unwrap();
+    assert_eq!(got, blob.len());
+    // A damaged copy put in place of a checked object (another inode) is checked again.
+    let copy = repo.path().join("copy");
+    std::fs::copy(&path, &copy).unwrap();
+    damage_in_place(&copy, 100);
+    std::fs::rename(&copy, &path).unwrap();
+    let (got, end) = read_counting(&ch, &d).await;
+    assert_eq!(end.unwrap_err().code(), Code::DataLoss);
+    assert!(got < blob.len());
 }

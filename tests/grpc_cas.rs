@@ -737,3 +737,45 @@ async fn find_missing_blobs_with_as_many_digests_as_bst_sends() {
     assert_eq!(missing.len(), 20_000);
     assert!(!missing.contains(&digest(&stored)));
 }
+
+/// FindMissingBlobs answers from memory for settled shards; removing an object by hand
+/// must still be seen at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn find_missing_sees_an_object_removed_by_hand() {
+    let repo = tempfile::tempdir().unwrap();
+    let server = Server::start(repo.path(), &["--enable-push"]);
+    let ch = server.channel().await;
+    let blobs: Vec<Vec<u8>> = (0..20).map(|i| pseudo_random(1200 + i, 100)).collect();
+    let refs: Vec<&[u8]> = blobs.iter().map(|b| b.as_slice()).collect();
+    upload(&ch, &refs).await;
+    let digests: Vec<reapi::Digest> = blobs.iter().map(|b| digest(b)).collect();
+    // Make every shard directory look long settled, as on a cache nobody is pushing to.
+    let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+    for d in &digests {
+        let shard = blob_path(repo.path(), &d.hash).parent().unwrap().to_owned();
+        std::fs::File::open(&shard)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+    }
+    for _ in 0..2 {
+        assert!(find_missing(&ch, &digests).await.unwrap().is_empty());
+    }
+    std::fs::remove_file(blob_path(repo.path(), &digests[7].hash)).unwrap();
+    assert_eq!(
+        find_missing(&ch, &digests).await.unwrap(),
+        vec![digests[7].clone()]
+    );
+    // And a whole shard directory removed.
+    let shard = blob_path(repo.path(), &digests[3].hash)
+        .parent()
+        .unwrap()
+        .to_owned();
+    std::fs::remove_dir_all(&shard).unwrap();
+    let missing = find_missing(&ch, &digests).await.unwrap();
+    assert!(missing.contains(&digests[3]) && missing.contains(&digests[7]));
+    assert!(digests
+        .iter()
+        .filter(|d| d.hash[..2] != digests[3].hash[..2] && d.hash != digests[7].hash)
+        .all(|d| !missing.contains(d)));
+}

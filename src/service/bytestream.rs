@@ -10,7 +10,7 @@
 
 use super::resource_name::{parse_read, parse_write};
 use super::{blocking, cas_status, push_disabled, ServiceConfig};
-use crate::storage::cas::{BlobWriter, CasStore};
+use crate::storage::cas::{CasError, CasStore};
 use bazel_remote_apis::google::bytestream::{
     byte_stream_server::ByteStream, QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest,
     ReadResponse, WriteRequest, WriteResponse,
@@ -23,6 +23,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 /// Bytes per ReadResponse: within the 1-2 MiB that casd and Bazel expect.
 pub const READ_CHUNK: u64 = 1024 * 1024;
+
+/// Received chunks an upload may queue for storing, on top of the one being stored.
+const WRITE_QUEUE: usize = 1;
 
 pub struct ByteStreamService {
     pub store: Arc<CasStore>,
@@ -67,14 +70,6 @@ impl Drop for UploadGuard {
 
 type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
 
-async fn write_chunk(mut writer: BlobWriter, data: Vec<u8>) -> Result<BlobWriter, Status> {
-    blocking(move || {
-        writer.write(&data).map_err(cas_status)?;
-        Ok(writer)
-    })
-    .await
-}
-
 #[tonic::async_trait]
 impl ByteStream for ByteStreamService {
     type ReadStream = ReadStream;
@@ -110,28 +105,20 @@ impl ByteStream for ByteStreamService {
         let Some(mut reader) = reader else {
             return Err(Status::not_found(format!("blob {digest} not found")));
         };
+        // One blocking thread reads the whole range, a short queue ahead of the sender.
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let store = self.store.clone();
-        tokio::spawn(async move {
-            loop {
-                let store = store.clone();
-                let step = blocking(move || {
-                    let chunk = reader.next_chunk(READ_CHUNK, &store).map_err(cas_status)?;
-                    Ok((reader, chunk))
-                })
-                .await;
-                match step {
-                    Ok((r, Some(data))) => {
-                        reader = r;
-                        if tx.send(Ok(ReadResponse { data })).await.is_err() {
-                            return;
-                        }
+        tokio::task::spawn_blocking(move || loop {
+            match reader.next_chunk(READ_CHUNK, &store).map_err(cas_status) {
+                Ok(Some(data)) => {
+                    if tx.blocking_send(Ok(ReadResponse { data })).is_err() {
+                        return; // the client went away
                     }
-                    Ok((_, None)) => return,
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
-                        return;
-                    }
+                }
+                Ok(None) => return,
+                Err(status) => {
+                    let _ = tx.blocking_send(Err(status));
+                    return;
                 }
             }
         });
@@ -162,38 +149,63 @@ impl ByteStream for ByteStreamService {
         guard.progress(0);
         let store = self.store.clone();
         let d = digest.clone();
-        let mut writer = blocking(move || store.begin_write(d).map_err(cas_status)).await?;
+        let writer = blocking(move || store.begin_write(d).map_err(cas_status)).await?;
+        // Receiving the next message overlaps with storing the previous one: the storage
+        // side runs on its own blocking thread, fed through a short queue that bounds the
+        // memory an upload holds.
+        let (chunks, mut queued) = tokio::sync::mpsc::channel::<bytes::Bytes>(WRITE_QUEUE);
+        let storing = tokio::task::spawn_blocking(move || {
+            let mut writer = writer;
+            while let Some(chunk) = queued.blocking_recv() {
+                writer.write_bytes(chunk).map_err(cas_status)?;
+            }
+            Ok::<_, Status>(writer)
+        });
+        let mut received = 0u64;
         let mut msg = first;
-        loop {
+        let outcome: Result<(), Status> = loop {
             if !msg.resource_name.is_empty() && msg.resource_name != resource {
-                return Err(Status::failed_precondition(
+                break Err(Status::failed_precondition(
                     "resource_name changed in the middle of a Write stream",
                 ));
             }
-            if msg.write_offset != writer.written() as i64 {
-                return Err(Status::failed_precondition(format!(
-                    "write_offset {} does not match the {} bytes received so far",
+            if msg.write_offset != received as i64 {
+                break Err(Status::failed_precondition(format!(
+                    "write_offset {} does not match the {received} bytes received so far",
                     msg.write_offset,
-                    writer.written()
                 )));
             }
             if !msg.data.is_empty() {
-                writer = write_chunk(writer, msg.data).await?;
-                guard.progress(writer.written());
+                received += msg.data.len() as u64;
+                if received > digest.size() {
+                    break Err(cas_status(CasError::Overrun {
+                        expected: digest.size(),
+                        actual: received,
+                    }));
+                }
+                if chunks.send(msg.data.into()).await.is_err() {
+                    // The storing side stopped on an error, reported below.
+                    break Ok(());
+                }
+                guard.progress(received);
             }
             if msg.finish_write {
-                break;
+                break Ok(());
             }
-            msg = match stream.message().await? {
-                Some(m) => m,
-                None => {
-                    return Err(Status::failed_precondition(format!(
-                        "Write stream for {digest} ended after {} bytes without finish_write",
-                        writer.written()
-                    )))
-                }
+            msg = match stream.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => break Err(Status::failed_precondition(format!(
+                    "Write stream for {digest} ended after {received} bytes without finish_write"
+                ))),
+                Err(e) => break Err(e),
             };
-        }
+        };
+        drop(chunks);
+        let stored = storing
+            .await
+            .map_err(|e| Status::internal(format!("storage task failed: {e}")))?;
+        outcome?;
+        let writer = stored?;
         blocking(move || writer.commit().map_err(cas_status)).await?;
         Ok(Response::new(WriteResponse {
             committed_size: digest.size() as i64,

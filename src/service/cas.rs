@@ -63,9 +63,9 @@ impl ContentAddressableStorage for CasService {
             .collect::<Result<Vec<_>, _>>()?;
         let store = self.store.clone();
         let missing = blocking(move || {
-            Ok(digests
+            Ok(store
+                .find_missing(digests)
                 .into_iter()
-                .filter(|d| !store.contains(d))
                 .map(|d| d.to_proto())
                 .collect())
         })

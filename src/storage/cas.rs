@@ -4,21 +4,27 @@
 //!
 //! Invariants:
 //! - A blob only ever appears under its final name complete and verified: uploads go to a
-//!   private temporary file in `REPO/cas/tmp`, are hashed as they stream, and are renamed
-//!   into place only when size and hash match.
+//!   private temporary file, are hashed as they stream, and are linked into place only
+//!   when size and hash match. The temporary file is anonymous (`O_TMPFILE` in the
+//!   blob's shard directory, then `linkat`), so a crash leaves nothing behind and the
+//!   commit locks one directory only; where the filesystem lacks `O_TMPFILE` it is a
+//!   named file in `REPO/cas/tmp`, renamed into place (docs/adr/0003).
 //! - Identical concurrent uploads are harmless: each has its own temporary file and the
-//!   renames replace one correct file by another.
+//!   first to commit wins; the others find a correct blob in place.
 //! - Directories that disappear under a running server (an operator's `rm -rf`) are
 //!   recreated on demand.
 //!
 //! The API is synchronous; async callers run it on the blocking pool.
 
 use super::digest::Digest;
+use super::direct::OutputFile;
+use super::existence::{key_of, DirStamp, ExistenceCache};
 use super::lru;
 use super::usage::SharedCounter;
+use super::verified::{file_id, FileId, VerifiedSet};
 use sha2::{Digest as _, Sha256};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -113,6 +119,12 @@ pub struct CasStore {
     dirty: Arc<AtomicBool>,
     /// Whether reads refresh LRU stamps (off for offline inspection tools).
     refresh_lru: bool,
+    /// Recent "present" answers of [`CasStore::find_missing`].
+    existence: ExistenceCache,
+    /// Whether uploads use anonymous temporary files (see the module notes).
+    anonymous_temporaries: bool,
+    /// Large objects already checked against their digest by this process.
+    verified: Arc<VerifiedSet>,
 }
 
 impl CasStore {
@@ -145,9 +157,17 @@ impl CasStore {
             evicting: Mutex::new(()),
             dirty: Arc::new(AtomicBool::new(false)),
             refresh_lru: true,
+            existence: ExistenceCache::default(),
+            anonymous_temporaries: false,
+            verified: Arc::default(),
         };
         store.remove_stale_temporaries();
-        Ok(store)
+        let anonymous_temporaries = store.probe_anonymous_temporaries();
+        tracing::debug!(anonymous_temporaries, "upload staging");
+        Ok(CasStore {
+            anonymous_temporaries,
+            ..store
+        })
     }
 
     /// For tools that inspect the store: looking must not make objects look recently used.
@@ -423,6 +443,34 @@ impl CasStore {
         }
     }
 
+    /// The digests among `digests` that are absent (FindMissingBlobs), in request order.
+    /// Present blobs get their LRU stamps refreshed, except those the existence cache
+    /// vouches for (verified within [`super::existence::REVERIFY`]).
+    pub fn find_missing(&self, digests: Vec<Digest>) -> Vec<Digest> {
+        let now = std::time::SystemTime::now();
+        // Each shard directory is looked at once per request, before any of its blobs.
+        let mut stamps: Vec<Option<Option<DirStamp>>> = vec![None; 256];
+        digests
+            .into_iter()
+            .filter(|d| {
+                if d.is_empty_blob() {
+                    return false;
+                }
+                let key = key_of(d.hash());
+                let stamp = *stamps[key[0] as usize]
+                    .get_or_insert_with(|| DirStamp::of(&self.objects.join(&d.hash()[..2])));
+                if self.existence.is_present(&key, d.size(), stamp, now) {
+                    return false;
+                }
+                if self.contains(d) {
+                    self.existence.record(&key, d.size(), stamp, now);
+                    return false;
+                }
+                true
+            })
+            .collect()
+    }
+
     /// Opens a present blob for reading, refreshing its LRU stamp.
     pub fn open_blob(&self, d: &Digest) -> Result<Option<File>, CasError> {
         let path = self.path_of(d);
@@ -480,12 +528,29 @@ impl CasStore {
                 None => return Ok(None),
             }
         };
+        let mut remember = None;
+        let verify = match &file {
+            Some(f) if offset == 0 && end == d.size() => {
+                let id = (d.size() >= HASH_THREAD_MIN)
+                    .then(|| f.metadata().ok().map(|m| (key_of(d.hash()), file_id(&m))))
+                    .flatten();
+                match id {
+                    Some((key, id)) if self.verified.contains(&key, id) => Verify::Skip,
+                    _ => {
+                        remember = id;
+                        Verify::start(f, d.size())
+                    }
+                }
+            }
+            _ => Verify::Skip,
+        };
         Ok(Some(BlobReader {
             digest: d.clone(),
             file,
             pos: offset,
             end,
-            hasher: (offset == 0 && end == d.size()).then(Sha256::new),
+            verify,
+            remember,
         }))
     }
 
@@ -516,21 +581,66 @@ impl CasStore {
             // Counted from now on, so concurrent uploads cannot overshoot the quota
             // together and eviction knows about space that is spoken for.
             let reservation = Reservation::new(self, digest.size());
-            let (path, file) = self.create_temporary()?;
+            let (path, file) = if self.anonymous_temporaries {
+                (None, self.create_anonymous(&final_path)?)
+            } else {
+                let (path, file) = self.create_temporary()?;
+                (Some(path), file)
+            };
+            // Large uploads bypass the page cache (see super::direct).
+            let file = if digest.size() >= HASH_THREAD_MIN {
+                OutputFile::direct(file)
+            } else {
+                OutputFile::buffered(file)
+            };
             Some(TempFile {
                 path,
                 file,
                 reservation,
             })
         };
+        let hasher = if digest.size() >= HASH_THREAD_MIN {
+            Hashing::on_thread()
+        } else {
+            Hashing::Inline(Sha256::new())
+        };
         Ok(BlobWriter {
             digest,
             final_path,
             sink,
-            hasher: Sha256::new(),
+            hasher,
+            verified: self.verified.clone(),
             written: 0,
             dirty: self.dirty.clone(),
         })
+    }
+
+    /// Whether this filesystem (and /proc) let us create anonymous files and link them.
+    fn probe_anonymous_temporaries(&self) -> bool {
+        let probe = self.tmp.join(format!(
+            "{}-probe-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        ));
+        let works = open_anonymous(&self.tmp)
+            .and_then(|f| link_anonymous(&f, &probe))
+            .is_ok();
+        let _ = fs::remove_file(&probe);
+        works
+    }
+
+    /// An anonymous file in the directory of `final_path`, recreating it if it has gone.
+    fn create_anonymous(&self, final_path: &Path) -> Result<File, CasError> {
+        let dir = final_path.parent().unwrap_or(&self.objects);
+        match open_anonymous(dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir_all(dir)
+                    .map_err(|e| CasError::io(format!("creating {}", dir.display()), e))?;
+                open_anonymous(dir)
+            }
+            other => other,
+        }
+        .map_err(|e| CasError::io(format!("creating an upload file in {}", dir.display()), e))
     }
 
     fn create_temporary(&self) -> Result<(PathBuf, File), CasError> {
@@ -583,8 +693,9 @@ impl CasStore {
 }
 
 struct TempFile {
-    path: PathBuf,
-    file: File,
+    /// `None` for an anonymous file.
+    path: Option<PathBuf>,
+    file: OutputFile,
     reservation: Reservation,
 }
 
@@ -631,41 +742,236 @@ pub struct BlobReader {
     file: Option<File>,
     pos: u64,
     end: u64,
-    hasher: Option<Sha256>,
+    verify: Verify,
+    /// Where to record a successful check of a large object.
+    remember: Option<(super::existence::Key, FileId)>,
 }
+
+/// How a whole-blob read checks the content against the digest.
+enum Verify {
+    /// A partial read: nothing to compare with.
+    Skip,
+    /// Small blobs: hashed as the chunks are read.
+    Inline(Sha256),
+    /// Large blobs: a thread of its own reads the file a second time (from the page
+    /// cache) and hashes it, so that hashing does not slow the stream down. Stopped
+    /// early when the reader is dropped.
+    Thread {
+        result: std::thread::JoinHandle<io::Result<Option<String>>>,
+        cancel: Arc<AtomicBool>,
+    },
+}
+
+impl Verify {
+    fn start(file: &File, size: u64) -> Verify {
+        if size < HASH_THREAD_MIN {
+            return Verify::Inline(Sha256::new());
+        }
+        let Ok(file) = file.try_clone() else {
+            return Verify::Inline(Sha256::new());
+        };
+        let cancel = Arc::new(AtomicBool::new(false));
+        let stop = cancel.clone();
+        let spawned = std::thread::Builder::new()
+            .name("cas-verify".into())
+            .spawn(move || {
+                let mut h = Sha256::new();
+                let mut buf = vec![0u8; VERIFY_CHUNK.min(size) as usize];
+                let mut off = 0u64;
+                while off < size {
+                    if stop.load(Ordering::Relaxed) {
+                        return Ok(None);
+                    }
+                    let n = (size - off).min(buf.len() as u64) as usize;
+                    file.read_exact_at(&mut buf[..n], off)?;
+                    h.update(&buf[..n]);
+                    off += n as u64;
+                }
+                Ok(Some(hex::encode(h.finalize())))
+            });
+        match spawned {
+            Ok(result) => Verify::Thread { result, cancel },
+            Err(_) => Verify::Inline(Sha256::new()),
+        }
+    }
+
+    /// The content's hash, once all of it has been read; `None` when not verifying.
+    fn finish(self) -> Result<Option<String>, String> {
+        match self {
+            Verify::Skip => Ok(None),
+            Verify::Inline(h) => Ok(Some(hex::encode(h.finalize()))),
+            Verify::Thread { result, .. } => match result.join() {
+                Ok(Ok(hash)) => Ok(hash),
+                Ok(Err(e)) => Err(format!("reading for verification: {e}")),
+                Err(_) => Err("the verification thread panicked".into()),
+            },
+        }
+    }
+}
+
+impl Drop for BlobReader {
+    fn drop(&mut self) {
+        if let Verify::Thread { cancel, .. } = &self.verify {
+            cancel.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Read size of the verification thread (its buffer is reused).
+const VERIFY_CHUNK: u64 = 1 << 20;
 
 impl BlobReader {
     /// The next chunk of at most `max` bytes, or `None` at the end of the range.
-    /// `store` is needed only to quarantine the object if verification fails.
+    /// A whole-blob read is verified before its last chunk is handed out, so a client
+    /// never receives all of a damaged blob. `store` is needed only to quarantine the
+    /// object if verification fails.
     pub fn next_chunk(&mut self, max: u64, store: &CasStore) -> Result<Option<Vec<u8>>, CasError> {
-        if self.pos >= self.end {
-            if let Some(h) = self.hasher.take() {
-                let actual = hex::encode(h.finalize());
-                if actual != self.digest.hash() {
-                    store.quarantine(&self.digest, "content does not match its digest");
-                    return Err(CasError::Corrupt {
-                        digest: self.digest.to_string(),
-                        reason: format!("content hashes to {actual}"),
-                    });
-                }
-            }
-            return Ok(None);
-        }
         let Some(file) = &self.file else {
             return Ok(None);
         };
+        if self.pos >= self.end {
+            // Only an empty blob gets here unverified (a zero-length object claiming a
+            // non-empty digest's content is damaged).
+            self.check(store)?;
+            return Ok(None);
+        }
         let len = max.min(self.end - self.pos) as usize;
-        let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, self.pos)
-            .map_err(|e| CasError::Corrupt {
-                digest: self.digest.to_string(),
-                reason: format!("reading at offset {}: {e}", self.pos),
-            })?;
-        if let Some(h) = &mut self.hasher {
+        let buf = read_at(file, len, self.pos).map_err(|e| CasError::Corrupt {
+            digest: self.digest.to_string(),
+            reason: format!("reading at offset {}: {e}", self.pos),
+        })?;
+        if let Verify::Inline(h) = &mut self.verify {
             h.update(&buf);
         }
         self.pos += len as u64;
+        if self.pos == self.end {
+            self.check(store)?;
+        }
         Ok(Some(buf))
+    }
+
+    /// Completes a whole-blob verification (once; later calls pass).
+    fn check(&mut self, store: &CasStore) -> Result<(), CasError> {
+        let verify = std::mem::replace(&mut self.verify, Verify::Skip);
+        let problem = match verify.finish() {
+            Ok(Some(actual)) if actual != self.digest.hash() => {
+                Some(format!("content hashes to {actual}"))
+            }
+            Ok(_) => None,
+            Err(reason) => Some(reason),
+        };
+        match problem {
+            None => {
+                if let Some((key, id)) = self.remember.take() {
+                    store.verified.insert(key, id);
+                }
+                Ok(())
+            }
+            Some(reason) => {
+                store.quarantine(&self.digest, "content does not match its digest");
+                Err(CasError::Corrupt {
+                    digest: self.digest.to_string(),
+                    reason,
+                })
+            }
+        }
+    }
+}
+
+/// Reads exactly `len` bytes at `offset` into a new buffer, without zeroing it first.
+fn read_at(file: &File, len: usize, offset: u64) -> io::Result<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    let mut done = 0usize;
+    while done < len {
+        let spare = &mut buf.spare_capacity_mut()[..len - done];
+        // SAFETY: pread writes at most `spare.len()` bytes into memory we own; the
+        // bytes it reports written are initialised, and only those are exposed.
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                spare.as_mut_ptr() as *mut libc::c_void,
+                spare.len(),
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        match n {
+            0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            n => {
+                done += n as usize;
+                // SAFETY: the first `done` bytes have been written by pread.
+                unsafe { buf.set_len(done) };
+            }
+        }
+    }
+    Ok(buf)
+}
+
+/// Blobs from this size on are hashed on a thread of their own while the upload is
+/// written, so that one stream is not limited by hashing plus writing on one core.
+pub const HASH_THREAD_MIN: u64 = 4 << 20;
+
+/// Chunks queued for an upload's hashing thread: a little slack lets the writer run
+/// ahead of a momentarily slower hasher, and bounds the memory held.
+const HASH_QUEUE: usize = 2;
+
+enum Hashing {
+    Inline(Sha256),
+    Thread {
+        chunks: std::sync::mpsc::SyncSender<bytes::Bytes>,
+        result: std::thread::JoinHandle<Sha256>,
+    },
+}
+
+impl Hashing {
+    fn on_thread() -> Self {
+        let (chunks, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(HASH_QUEUE);
+        let spawned = std::thread::Builder::new()
+            .name("cas-hash".into())
+            .spawn(move || {
+                let mut h = Sha256::new();
+                for chunk in rx {
+                    h.update(&chunk);
+                }
+                h
+            });
+        match spawned {
+            Ok(result) => Hashing::Thread { chunks, result },
+            // Out of threads: hashing inline is slower, not wrong.
+            Err(_) => Hashing::Inline(Sha256::new()),
+        }
+    }
+
+    fn update(&mut self, data: bytes::Bytes) {
+        match self {
+            Hashing::Inline(h) => h.update(&data),
+            Hashing::Thread { chunks, .. } => {
+                // The thread only stops when the sender is dropped.
+                let _ = chunks.send(data);
+            }
+        }
+    }
+
+    fn finish(self) -> Result<String, CasError> {
+        let h = match self {
+            Hashing::Inline(h) => h,
+            Hashing::Thread { chunks, result } => {
+                drop(chunks);
+                result.join().map_err(|_| {
+                    CasError::io(
+                        "hashing an upload",
+                        io::Error::other("hash thread panicked"),
+                    )
+                })?
+            }
+        };
+        Ok(hex::encode(h.finalize()))
     }
 }
 
@@ -674,7 +980,9 @@ pub struct BlobWriter {
     digest: Digest,
     final_path: PathBuf,
     sink: Option<TempFile>,
-    hasher: Sha256,
+    hasher: Hashing,
+    /// Where a committed large upload is recorded as checked (it was hashed as written).
+    verified: Arc<VerifiedSet>,
     written: u64,
     /// The store's "something to flush" flag.
     dirty: Arc<AtomicBool>,
@@ -690,20 +998,39 @@ impl BlobWriter {
     }
 
     pub fn write(&mut self, data: &[u8]) -> Result<(), CasError> {
-        let after = self.written + data.len() as u64;
+        self.check_room(data.len())?;
+        match &mut self.hasher {
+            Hashing::Inline(h) => h.update(data),
+            thread => thread.update(bytes::Bytes::copy_from_slice(data)),
+        }
+        self.store(data)
+    }
+
+    /// [`BlobWriter::write`] without a copy for the hashing thread.
+    pub fn write_bytes(&mut self, data: bytes::Bytes) -> Result<(), CasError> {
+        self.check_room(data.len())?;
+        self.hasher.update(data.clone());
+        self.store(&data)
+    }
+
+    fn check_room(&self, len: usize) -> Result<(), CasError> {
+        let after = self.written + len as u64;
         if after > self.digest.size() {
             return Err(CasError::Overrun {
                 expected: self.digest.size(),
                 actual: after,
             });
         }
-        self.hasher.update(data);
+        Ok(())
+    }
+
+    fn store(&mut self, data: &[u8]) -> Result<(), CasError> {
         if let Some(sink) = &mut self.sink {
             sink.file
                 .write_all(data)
                 .map_err(|e| CasError::io(format!("writing upload of {}", self.digest), e))?;
         }
-        self.written = after;
+        self.written += data.len() as u64;
         Ok(())
     }
 
@@ -715,7 +1042,8 @@ impl BlobWriter {
                 actual: self.written,
             });
         }
-        let actual = hex::encode(std::mem::take(&mut self.hasher).finalize());
+        let hasher = std::mem::replace(&mut self.hasher, Hashing::Inline(Sha256::new()));
+        let actual = hasher.finish()?;
         if actual != self.digest.hash() {
             return Err(CasError::HashMismatch {
                 expected: self.digest.hash().to_owned(),
@@ -727,34 +1055,60 @@ impl BlobWriter {
         };
         let TempFile {
             path,
-            file,
+            file: mut out,
             reservation,
         } = sink;
-        let existed = self.final_path.exists();
-        let result = (|| {
+        if let Err(e) = out.finish() {
+            if let Some(path) = &path {
+                let _ = fs::remove_file(path);
+            }
+            return Err(CasError::io(
+                format!("writing upload of {}", self.digest),
+                e,
+            ));
+        }
+        let file = out.file();
+        // The inode keeps its identity through the link or rename below.
+        let id = (self.digest.size() >= HASH_THREAD_MIN)
+            .then(|| file.metadata().ok().map(|m| file_id(&m)))
+            .flatten();
+        // Whether this upload's file became the stored blob.
+        let stored = (|| {
             file.set_permissions(fs::Permissions::from_mode(0o444))
                 .map_err(|e| CasError::io("setting blob permissions", e))?;
-            drop(file);
-            rename_into_place(&path, &self.final_path)
-                .map_err(|e| CasError::io(format!("storing blob {}", self.digest), e))
+            match &path {
+                None => link_into_place(file, &self.final_path, self.digest.size()),
+                Some(path) => {
+                    let existed = self.final_path.exists();
+                    rename_into_place(path, &self.final_path).map(|()| !existed)
+                }
+            }
+            .map_err(|e| CasError::io(format!("storing blob {}", self.digest), e))
         })();
-        match &result {
+        match stored {
             Err(_) => {
-                let _ = fs::remove_file(&path);
+                if let Some(path) = &path {
+                    let _ = fs::remove_file(path);
+                }
+            }
+            Ok(true) => {
+                reservation.keep();
+                if let Some(id) = id {
+                    self.verified.insert(key_of(self.digest.hash()), id);
+                }
             }
             // A racing identical upload got there first: its bytes are already counted.
-            Ok(()) if existed => drop(reservation),
-            Ok(()) => reservation.keep(),
+            Ok(false) => drop(reservation),
         }
         self.dirty.store(true, Ordering::Release);
-        result
+        stored.map(|_| ())
     }
 }
 
 impl Drop for BlobWriter {
     fn drop(&mut self) {
-        if let Some(sink) = self.sink.take() {
-            let _ = fs::remove_file(&sink.path);
+        if let Some(path) = self.sink.take().and_then(|sink| sink.path) {
+            let _ = fs::remove_file(path);
         }
     }
 }
@@ -775,6 +1129,68 @@ pub fn filesystem_space(path: &Path) -> Option<(u64, u64)> {
 
 fn free_space(path: &Path) -> Option<u64> {
     filesystem_space(path).map(|(_, free)| free)
+}
+
+/// Opens a new file with no name in `dir`, for [`link_anonymous`].
+fn open_anonymous(dir: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o600)
+        .open(dir)
+}
+
+/// Gives the anonymous `file` the name `to`; fails with `AlreadyExists` if it is taken.
+fn link_anonymous(file: &File, to: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    // linkat(AT_EMPTY_PATH) would need CAP_DAC_READ_SEARCH; the /proc link does not.
+    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .map_err(io::Error::other)?;
+    let to = std::ffi::CString::new(to.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: two valid NUL-terminated paths.
+    let r = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Links the verified anonymous upload `file` of `size` bytes in as `to`. Returns false
+/// when an intact object was already there (it is kept); an object of the wrong size
+/// (truncated by a power loss) is replaced. Recreates `to`'s directory if it has gone.
+fn link_into_place(file: &File, to: &Path, size: u64) -> io::Result<bool> {
+    // Bounded: each retry needs a concurrent removal of the name or its directory.
+    for _ in 0..3 {
+        match link_anonymous(file, to) {
+            Ok(()) => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => match fs::metadata(to) {
+                Ok(m) if m.len() == size => return Ok(false),
+                Ok(_) => match fs::remove_file(to) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                },
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if let Some(parent) = to.parent() {
+                    fs::create_dir_all(parent)?;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    link_anonymous(file, to).map(|()| true)
 }
 
 /// Renames `from` to `to`, recreating `to`'s directory if it has gone.

@@ -4,9 +4,12 @@
 pub mod asset;
 pub mod cas;
 pub mod digest;
+pub mod direct;
+pub mod existence;
 pub mod lru;
 pub mod tree;
 pub mod usage;
+pub mod verified;
 
 use asset::{AssetEntry, AssetKind};
 use cas::CasStore;

@@ -58,6 +58,10 @@ impl Server {
         connect(&self.url()).await
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends a signal and waits (bounded) for the process to exit.
     pub fn signal_and_wait(&mut self, signal: i32) -> std::process::ExitStatus {
         // SAFETY: plain kill(2) on our own child's pid.
@@ -192,6 +196,20 @@ pub mod grpc {
     /// Where buildbox-casd (and so this server) keeps a blob: `REPO/cas/objects/<2>/<62>`.
     pub fn blob_path(repo: &Path, hash: &str) -> PathBuf {
         repo.join("cas/objects").join(&hash[..2]).join(&hash[2..])
+    }
+
+    /// Upload files the process `pid` has open under `REPO/cas`: named ones in
+    /// `cas/tmp`, or anonymous ones (`O_TMPFILE`, shown by /proc as `.../#<inode> (deleted)`).
+    pub fn uploads_open(pid: u32, repo: &Path) -> usize {
+        let cas = repo.join("cas");
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
+        fds.flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter(|t| t.starts_with(&cas))
+            .filter(|t| {
+                t.starts_with(cas.join("tmp")) || t.to_string_lossy().ends_with(" (deleted)")
+            })
+            .count()
     }
 
     /// Files left in `REPO/cas/tmp` (none when the directory is absent).
