@@ -268,11 +268,11 @@ start_casd() { # REPO
     URL[casd]=http://127.0.0.1:$port
 }
 
-start_named() { # NAME
+start_named() { # NAME [REPO-SUFFIX]
     case "$1" in
-        ours) start_ours ours "$WORK/repo-ours" ;;
-        reference) start_reference "$WORK/repo-reference" ;;
-        casd) start_casd "$WORK/repo-casd" ;;
+        ours) start_ours ours "$WORK/repo-ours${2:-}" ;;
+        reference) start_reference "$WORK/repo-reference${2:-}" ;;
+        casd) start_casd "$WORK/repo-casd${2:-}" ;;
         *) echo "compare.sh: unknown server $1" >&2; return 1 ;;
     esac
     log "$1 listening at ${URL[$1]} (pids ${PIDS[$1]})"
@@ -289,12 +289,14 @@ loadgen() {
 }
 
 # --- the comparison -------------------------------------------------------------------
-# Each repetition starts every server on an empty repository and deletes it afterwards,
-# so that disk usage stays bounded (casd lowers its quota to the free space and would
-# start evicting) and no server is measured on a fuller store than another.
+# Each repetition starts every server on an empty repository, so that no server is
+# measured on a fuller store than another. The repositories are only deleted after the
+# last repetition (only their large blobs go earlier): ext4 without a journal (as on these VMs) skips inodes freed in the last
+# 1-6 minutes when allocating, so file creation right after a mass deletion is slow, and
+# the first server measured after one would pay for it.
 for rep in $(seq "$REPEAT"); do
     log "repetition $rep of $REPEAT"
-    for s in "${SERVERS[@]}"; do start_named "$s"; done
+    for s in "${SERVERS[@]}"; do start_named "$s" "-$rep"; done
     loadgen "machine:sha256:$rep" "" --scenario sha256
     loadgen "machine:disk-write:$rep" "" --scenario disk-write --scratch-dir "$WORK" \
         --blob-size "$BLOB" --rounds "$ROUNDS"
@@ -304,11 +306,14 @@ for rep in $(seq "$REPEAT"); do
             loadgen "$s:$c:$rep" "$s" ${CASE_ARGS[$c]}
         done
     done
-    for s in "${SERVERS[@]}"; do stop_server "$s"; rm -rf "$WORK/repo-$s"; done
-    # ext4 without a journal (as on these VMs) skips inodes freed in the last 30 s when
-    # allocating, which slows file creation right after a mass deletion; let that pass
-    # so that the first server measured in the next repetition is not the one paying.
-    if [ "$rep" -lt "$REPEAT" ]; then sleep "${BENCH_SETTLE:-40}"; fi
+    for s in "${SERVERS[@]}"; do
+        stop_server "$s"
+        # The large blobs hold nearly all the space and are few files: they can go now.
+        find "$WORK/repo-$s-$rep" -type f -size +1M -delete 2>/dev/null || true
+    done
+done
+for rep in $(seq "$REPEAT"); do
+    for s in "${SERVERS[@]}"; do rm -rf "$WORK/repo-$s-$rep"; done
 done
 
 # TLS: our server with TLS against the same server without, on one repository.

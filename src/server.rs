@@ -32,6 +32,10 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// see docs/adr/0001-storage-engine.md).
 pub const SYNC_INTERVAL: Duration = Duration::from_secs(2);
 
+/// HTTP/2 receive window per stream: what a client may send ahead of what we have
+/// consumed, held in buffers for every upload stream.
+const STREAM_WINDOW: u32 = 512 << 10;
+
 /// Largest HTTP/2 frame we accept: clients that honour it send an upload's data in a
 /// few large frames instead of many 16 KiB ones.
 const MAX_FRAME: u32 = 1 << 20;
@@ -91,7 +95,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         config: config.clone(),
     };
     let mut router = Server::builder()
-        .initial_stream_window_size(Some(4 << 20))
+        .initial_stream_window_size(Some(STREAM_WINDOW))
         .initial_connection_window_size(Some(16 << 20))
         .max_frame_size(Some(MAX_FRAME))
         .add_service(limited!(CapabilitiesServer::new(CapabilitiesService {

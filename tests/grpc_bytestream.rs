@@ -636,3 +636,50 @@ async fn a_damaged_large_blob_is_never_served_whole() {
     assert_eq!(end.unwrap_err().code(), Code::DataLoss);
     assert!(got < blob.len());
 }
+
+/// Uploads share a bounded buffer budget (16 MiB); many at once, next to clients that
+/// stall half-way, must all complete rather than wait on each other.
+#[tokio::test(flavor = "multi_thread")]
+async fn many_concurrent_uploads_beside_stalled_ones_all_complete() {
+    let (repo, server) = push_server(&[]);
+    // Stalled uploads: a first chunk, then nothing until the end of the test.
+    let mut stalled = Vec::new();
+    for i in 0..8 {
+        let ch = server.channel().await;
+        let blob = pseudo_random(1300 + i, 6 << 20);
+        let name = upload_name("", &digest(&blob));
+        let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
+        tx.send(write_requests(&name, &blob, CASD_CHUNK).remove(0))
+            .await
+            .unwrap();
+        let mut client = bytestream(&ch);
+        let call = tokio::spawn(async move {
+            client
+                .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        stalled.push((tx, call));
+    }
+    // Busy uploads: together far more than the budget, each several chunks.
+    let blobs: Vec<Vec<u8>> = (0..24).map(|i| pseudo_random(1400 + i, 5 << 20)).collect();
+    let mut uploads = Vec::new();
+    for b in &blobs {
+        let ch = server.channel().await;
+        let b = b.clone();
+        uploads.push(tokio::spawn(async move {
+            write(&ch, &upload_name("", &digest(&b)), &b, CASD_CHUNK).await
+        }));
+    }
+    for (u, b) in uploads.into_iter().zip(&blobs) {
+        let r = u.await.unwrap().unwrap();
+        assert_eq!(r.committed_size, b.len() as i64);
+    }
+    let ch = server.channel().await;
+    for b in &blobs {
+        assert_stored(&ch, repo.path(), b).await;
+    }
+    for (tx, call) in stalled {
+        drop(tx);
+        assert!(bounded(call).await.unwrap().is_err());
+    }
+}

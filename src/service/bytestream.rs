@@ -27,11 +27,38 @@ pub const READ_CHUNK: u64 = 1024 * 1024;
 /// Received chunks an upload may queue for storing, on top of the one being stored.
 const WRITE_QUEUE: usize = 1;
 
+/// Upload data received but not yet written and hashed, across all uploads. An upload
+/// that would pass it stops reading its stream (HTTP/2 flow control then holds the
+/// client back), so memory stays bounded however many clients upload at once.
+pub const UPLOAD_BUFFER_BUDGET: usize = 16 << 20;
+
+/// How long an upload may hold budget for a message its client has not sent yet.
+const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Units of [`UPLOAD_BUFFER_BUDGET`] accounting.
+const BUDGET_UNIT: usize = 1024;
+
+/// A permit for nothing, as a placeholder.
+fn empty_permit(budget: &Arc<tokio::sync::Semaphore>) -> tokio::sync::OwnedSemaphorePermit {
+    budget
+        .clone()
+        .try_acquire_many_owned(0)
+        .expect("zero permits are always available")
+}
+
+fn budget_units(bytes: usize) -> u32 {
+    bytes
+        .div_ceil(BUDGET_UNIT)
+        .min(UPLOAD_BUFFER_BUDGET / BUDGET_UNIT) as u32
+}
+
 pub struct ByteStreamService {
     pub store: Arc<CasStore>,
     pub config: ServiceConfig,
     /// Uploads in progress by resource name, with the bytes received so far.
     uploads: Arc<Mutex<HashMap<String, u64>>>,
+    /// See [`UPLOAD_BUFFER_BUDGET`].
+    budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl ByteStreamService {
@@ -40,6 +67,9 @@ impl ByteStreamService {
             store,
             config,
             uploads: Default::default(),
+            budget: Arc::new(tokio::sync::Semaphore::new(
+                UPLOAD_BUFFER_BUDGET / BUDGET_UNIT,
+            )),
         }
     }
 }
@@ -151,16 +181,32 @@ impl ByteStream for ByteStreamService {
         let d = digest.clone();
         let writer = blocking(move || store.begin_write(d).map_err(cas_status)).await?;
         // Receiving the next message overlaps with storing the previous one: the storage
-        // side runs on its own blocking thread, fed through a short queue that bounds the
-        // memory an upload holds.
-        let (chunks, mut queued) = tokio::sync::mpsc::channel::<bytes::Bytes>(WRITE_QUEUE);
+        // side runs on its own blocking thread, fed through a short queue. Each chunk
+        // carries its share of the upload budget until it has been hashed.
+        type Budgeted = (bytes::Bytes, tokio::sync::OwnedSemaphorePermit);
+        let (chunks, mut queued) = tokio::sync::mpsc::channel::<Budgeted>(WRITE_QUEUE);
         let storing = tokio::task::spawn_blocking(move || {
             let mut writer = writer;
-            while let Some(chunk) = queued.blocking_recv() {
-                writer.write_bytes(chunk).map_err(cas_status)?;
+            while let Some((chunk, permit)) = queued.blocking_recv() {
+                writer
+                    .write_bytes(chunk, Box::new(permit))
+                    .map_err(cas_status)?;
             }
             Ok::<_, Status>(writer)
         });
+        let budget = self.budget.clone();
+        let acquire = |bytes: usize| {
+            let budget = budget.clone();
+            async move {
+                budget
+                    .acquire_many_owned(budget_units(bytes))
+                    .await
+                    .map_err(|_| Status::unavailable("the server is shutting down"))
+            }
+        };
+        // Budget for the chunk in hand, then for the next one before it is read (sized
+        // like the last), so that a stalled upload leaves its data in the client.
+        let mut reserved = acquire(first.data.len()).await?;
         let mut received = 0u64;
         let mut msg = first;
         let outcome: Result<(), Status> = loop {
@@ -183,20 +229,49 @@ impl ByteStream for ByteStreamService {
                         actual: received,
                     }));
                 }
-                if chunks.send(msg.data.into()).await.is_err() {
+                let size = msg.data.len();
+                if budget_units(size) as usize > reserved.num_permits() {
+                    // Never wait holding part of the budget: two uploads doing that
+                    // could each hold what the other waits for.
+                    drop(std::mem::replace(&mut reserved, empty_permit(&budget)));
+                    reserved = match acquire(size).await {
+                        Ok(p) => p,
+                        Err(e) => break Err(e),
+                    };
+                }
+                let permit = std::mem::replace(&mut reserved, empty_permit(&budget));
+                if chunks.send((msg.data.into(), permit)).await.is_err() {
                     // The storing side stopped on an error, reported below.
                     break Ok(());
+                }
+                if !msg.finish_write {
+                    reserved = match acquire(size).await {
+                        Ok(p) => p,
+                        Err(e) => break Err(e),
+                    };
                 }
                 guard.progress(received);
             }
             if msg.finish_write {
                 break Ok(());
             }
-            msg = match stream.message().await {
+            // The next message is read holding a reservation sized like this one; a
+            // client that sends nothing for a while gives it back meanwhile, so idle
+            // clients cannot starve busy ones.
+            let next = match tokio::time::timeout(IDLE_RELEASE, stream.message()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    reserved = empty_permit(&budget);
+                    stream.message().await
+                }
+            };
+            msg = match next {
                 Ok(Some(m)) => m,
-                Ok(None) => break Err(Status::failed_precondition(format!(
+                Ok(None) => {
+                    break Err(Status::failed_precondition(format!(
                     "Write stream for {digest} ended after {received} bytes without finish_write"
-                ))),
+                )))
+                }
                 Err(e) => break Err(e),
             };
         };

@@ -919,25 +919,31 @@ pub const HASH_THREAD_MIN: u64 = 4 << 20;
 
 /// Chunks queued for an upload's hashing thread: a little slack lets the writer run
 /// ahead of a momentarily slower hasher, and bounds the memory held.
-const HASH_QUEUE: usize = 2;
+const HASH_QUEUE: usize = 1;
+
+/// Anything the caller wants kept alive until a chunk has been hashed (e.g. its share
+/// of a memory budget).
+pub type ChunkGuard = Box<dyn Send>;
 
 enum Hashing {
     Inline(Sha256),
     Thread {
-        chunks: std::sync::mpsc::SyncSender<bytes::Bytes>,
+        chunks: std::sync::mpsc::SyncSender<(bytes::Bytes, Option<ChunkGuard>)>,
         result: std::thread::JoinHandle<Sha256>,
     },
 }
 
 impl Hashing {
     fn on_thread() -> Self {
-        let (chunks, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(HASH_QUEUE);
+        let (chunks, rx) = std::sync::mpsc::sync_channel(HASH_QUEUE);
         let spawned = std::thread::Builder::new()
             .name("cas-hash".into())
             .spawn(move || {
                 let mut h = Sha256::new();
-                for chunk in rx {
+                for (chunk, guard) in rx {
+                    let chunk: bytes::Bytes = chunk;
                     h.update(&chunk);
+                    drop::<Option<ChunkGuard>>(guard);
                 }
                 h
             });
@@ -948,12 +954,12 @@ impl Hashing {
         }
     }
 
-    fn update(&mut self, data: bytes::Bytes) {
+    fn update(&mut self, data: bytes::Bytes, guard: Option<ChunkGuard>) {
         match self {
             Hashing::Inline(h) => h.update(&data),
             Hashing::Thread { chunks, .. } => {
                 // The thread only stops when the sender is dropped.
-                let _ = chunks.send(data);
+                let _ = chunks.send((data, guard));
             }
         }
     }
@@ -1001,15 +1007,17 @@ impl BlobWriter {
         self.check_room(data.len())?;
         match &mut self.hasher {
             Hashing::Inline(h) => h.update(data),
-            thread => thread.update(bytes::Bytes::copy_from_slice(data)),
+            thread => thread.update(bytes::Bytes::copy_from_slice(data), None),
         }
         self.store(data)
     }
 
-    /// [`BlobWriter::write`] without a copy for the hashing thread.
-    pub fn write_bytes(&mut self, data: bytes::Bytes) -> Result<(), CasError> {
+    /// [`BlobWriter::write`] without a copy for the hashing thread. `guard` is dropped
+    /// once the chunk is hashed, which for large blobs (hashed on another thread, while
+    /// this one writes) may be just before it is written.
+    pub fn write_bytes(&mut self, data: bytes::Bytes, guard: ChunkGuard) -> Result<(), CasError> {
         self.check_room(data.len())?;
-        self.hasher.update(data.clone());
+        self.hasher.update(data.clone(), Some(guard));
         self.store(&data)
     }
 

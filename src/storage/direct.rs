@@ -21,7 +21,7 @@ use std::os::fd::AsRawFd;
 /// Alignment of direct writes: the largest logical block size in common use.
 pub const ALIGN: usize = 4096;
 /// Size of the staging buffer, hence of each direct write.
-pub const STAGING: usize = 1 << 20;
+pub const STAGING: usize = 512 << 10;
 
 /// An output file, written directly when that works and through the page cache when not.
 pub struct OutputFile {
