@@ -123,7 +123,7 @@ pub struct CasStore {
     existence: ExistenceCache,
     /// Whether uploads use anonymous temporary files (see the module notes).
     anonymous_temporaries: bool,
-    /// Large objects already checked against their digest by this process.
+    /// Objects already checked against their digest by this process.
     verified: Arc<VerifiedSet>,
 }
 
@@ -473,20 +473,24 @@ impl CasStore {
 
     /// Opens a present blob for reading, refreshing its LRU stamp.
     pub fn open_blob(&self, d: &Digest) -> Result<Option<File>, CasError> {
+        Ok(self.open_identified(d)?.map(|(f, _)| f))
+    }
+
+    /// [`CasStore::open_blob`], with the identity of the file opened.
+    fn open_identified(&self, d: &Digest) -> Result<Option<(File, FileId)>, CasError> {
         let path = self.path_of(d);
         match File::open(&path) {
             Ok(f) => {
-                let len = f
+                let meta = f
                     .metadata()
-                    .map_err(|e| CasError::io(format!("reading metadata of {d}"), e))?
-                    .len();
-                if len != d.size() {
+                    .map_err(|e| CasError::io(format!("reading metadata of {d}"), e))?;
+                if meta.len() != d.size() {
                     return Ok(None);
                 }
                 if self.refresh_lru {
                     touch(&path);
                 }
-                Ok(Some(f))
+                Ok(Some((f, file_id(&meta))))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(CasError::io(format!("opening blob {d}"), e)),
@@ -498,15 +502,23 @@ impl CasStore {
         if d.is_empty_blob() {
             return Ok(Some(Vec::new()));
         }
-        let Some(mut f) = self.open_blob(d)? else {
+        let Some((mut f, id)) = self.open_identified(d)? else {
             return Ok(None);
         };
         let mut buf = Vec::with_capacity(d.size() as usize);
         f.read_to_end(&mut buf)
             .map_err(|e| CasError::io(format!("reading blob {d}"), e))?;
-        if buf.len() as u64 != d.size() || Digest::of_bytes(&buf).hash() != d.hash() {
+        let key = key_of(d.hash());
+        if buf.len() as u64 != d.size() {
             self.quarantine(d, "content does not match its digest");
             return Ok(None);
+        }
+        if !self.verified.contains(&key, id) {
+            if Digest::of_bytes(&buf).hash() != d.hash() {
+                self.quarantine(d, "content does not match its digest");
+                return Ok(None);
+            }
+            self.verified.insert(key, id);
         }
         Ok(Some(buf))
     }
@@ -520,30 +532,28 @@ impl CasStore {
         offset: u64,
         end: u64,
     ) -> Result<Option<BlobReader>, CasError> {
-        let file = if d.is_empty_blob() {
+        let opened = if d.is_empty_blob() {
             None
         } else {
-            match self.open_blob(d)? {
-                Some(f) => Some(f),
+            match self.open_identified(d)? {
+                Some(opened) => Some(opened),
                 None => return Ok(None),
             }
         };
         let mut remember = None;
-        let verify = match &file {
-            Some(f) if offset == 0 && end == d.size() => {
-                let id = (d.size() >= HASH_THREAD_MIN)
-                    .then(|| f.metadata().ok().map(|m| (key_of(d.hash()), file_id(&m))))
-                    .flatten();
-                match id {
-                    Some((key, id)) if self.verified.contains(&key, id) => Verify::Skip,
-                    _ => {
-                        remember = id;
-                        Verify::start(f, d.size())
-                    }
+        let verify = match &opened {
+            Some((f, id)) if offset == 0 && end == d.size() => {
+                let key = key_of(d.hash());
+                if self.verified.contains(&key, *id) {
+                    Verify::Skip
+                } else {
+                    remember = Some((key, *id));
+                    Verify::start(f, d.size())
                 }
             }
             _ => Verify::Skip,
         };
+        let file = opened.map(|(f, _)| f);
         Ok(Some(BlobReader {
             digest: d.clone(),
             file,
@@ -743,7 +753,7 @@ pub struct BlobReader {
     pos: u64,
     end: u64,
     verify: Verify,
-    /// Where to record a successful check of a large object.
+    /// Where to record a successful check of the object.
     remember: Option<(super::existence::Key, FileId)>,
 }
 
@@ -987,7 +997,7 @@ pub struct BlobWriter {
     final_path: PathBuf,
     sink: Option<TempFile>,
     hasher: Hashing,
-    /// Where a committed large upload is recorded as checked (it was hashed as written).
+    /// Where a committed upload is recorded as checked (it was hashed as written).
     verified: Arc<VerifiedSet>,
     written: u64,
     /// The store's "something to flush" flag.
@@ -1077,9 +1087,7 @@ impl BlobWriter {
         }
         let file = out.file();
         // The inode keeps its identity through the link or rename below.
-        let id = (self.digest.size() >= HASH_THREAD_MIN)
-            .then(|| file.metadata().ok().map(|m| file_id(&m)))
-            .flatten();
+        let id = file.metadata().ok().map(|m| file_id(&m));
         // Whether this upload's file became the stored blob.
         let stored = (|| {
             file.set_permissions(fs::Permissions::from_mode(0o444))

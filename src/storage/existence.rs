@@ -65,7 +65,7 @@ pub type Key = [u8; 32];
 /// good a hash-table hash as any, at no cost. (Byte 0 selects the shard, so it is
 /// skipped.)
 #[derive(Default)]
-struct KeyHasher(u64);
+pub struct KeyHasher(u64);
 
 impl Hasher for KeyHasher {
     fn finish(&self) -> u64 {
