@@ -46,6 +46,39 @@ fn empty_permit(budget: &Arc<tokio::sync::Semaphore>) -> tokio::sync::OwnedSemap
         .expect("zero permits are always available")
 }
 
+/// Budget reserved for an upload's first message, before its size is known: the chunk
+/// size buildbox-casd uses.
+const FIRST_MESSAGE_ESTIMATE: usize = 2 << 20;
+
+async fn acquire_budget(
+    budget: &Arc<tokio::sync::Semaphore>,
+    bytes: usize,
+) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+    budget
+        .clone()
+        .acquire_many_owned(budget_units(bytes))
+        .await
+        .map_err(|_| Status::unavailable("the server is shutting down"))
+}
+
+/// Reads the next message of an upload holding `reserved` (budget for it, reserved
+/// before reading so that a waiting upload leaves its data in the client). A client that
+/// sends nothing for [`IDLE_RELEASE`] gives the reservation back meanwhile, so idle
+/// clients cannot starve busy ones.
+async fn next_message(
+    stream: &mut Streaming<WriteRequest>,
+    reserved: &mut tokio::sync::OwnedSemaphorePermit,
+    budget: &Arc<tokio::sync::Semaphore>,
+) -> Result<Option<WriteRequest>, Status> {
+    match tokio::time::timeout(IDLE_RELEASE, stream.message()).await {
+        Ok(next) => next,
+        Err(_) => {
+            drop(std::mem::replace(reserved, empty_permit(budget)));
+            stream.message().await
+        }
+    }
+}
+
 fn budget_units(bytes: usize) -> u32 {
     bytes
         .div_ceil(BUDGET_UNIT)
@@ -165,7 +198,9 @@ impl ByteStream for ByteStreamService {
             return Err(push_disabled());
         }
         let mut stream = request.into_inner();
-        let Some(first) = stream.message().await? else {
+        let budget = self.budget.clone();
+        let mut reserved = acquire_budget(&budget, FIRST_MESSAGE_ESTIMATE).await?;
+        let Some(first) = next_message(&mut stream, &mut reserved, &budget).await? else {
             return Err(Status::invalid_argument("Write stream carried no request"));
         };
         let resource = first.resource_name.clone();
@@ -194,19 +229,6 @@ impl ByteStream for ByteStreamService {
             }
             Ok::<_, Status>(writer)
         });
-        let budget = self.budget.clone();
-        let acquire = |bytes: usize| {
-            let budget = budget.clone();
-            async move {
-                budget
-                    .acquire_many_owned(budget_units(bytes))
-                    .await
-                    .map_err(|_| Status::unavailable("the server is shutting down"))
-            }
-        };
-        // Budget for the chunk in hand, then for the next one before it is read (sized
-        // like the last), so that a stalled upload leaves its data in the client.
-        let mut reserved = acquire(first.data.len()).await?;
         let mut received = 0u64;
         let mut msg = first;
         let outcome: Result<(), Status> = loop {
@@ -234,7 +256,7 @@ impl ByteStream for ByteStreamService {
                     // Never wait holding part of the budget: two uploads doing that
                     // could each hold what the other waits for.
                     drop(std::mem::replace(&mut reserved, empty_permit(&budget)));
-                    reserved = match acquire(size).await {
+                    reserved = match acquire_budget(&budget, size).await {
                         Ok(p) => p,
                         Err(e) => break Err(e),
                     };
@@ -245,7 +267,8 @@ impl ByteStream for ByteStreamService {
                     break Ok(());
                 }
                 if !msg.finish_write {
-                    reserved = match acquire(size).await {
+                    // Budget for the next message, sized like this one.
+                    reserved = match acquire_budget(&budget, size).await {
                         Ok(p) => p,
                         Err(e) => break Err(e),
                     };
@@ -255,17 +278,7 @@ impl ByteStream for ByteStreamService {
             if msg.finish_write {
                 break Ok(());
             }
-            // The next message is read holding a reservation sized like this one; a
-            // client that sends nothing for a while gives it back meanwhile, so idle
-            // clients cannot starve busy ones.
-            let next = match tokio::time::timeout(IDLE_RELEASE, stream.message()).await {
-                Ok(next) => next,
-                Err(_) => {
-                    reserved = empty_permit(&budget);
-                    stream.message().await
-                }
-            };
-            msg = match next {
+            msg = match next_message(&mut stream, &mut reserved, &budget).await {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     break Err(Status::failed_precondition(format!(

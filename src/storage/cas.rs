@@ -784,6 +784,7 @@ impl Verify {
         let stop = cancel.clone();
         let spawned = std::thread::Builder::new()
             .name("cas-verify".into())
+            .stack_size(HELPER_STACK)
             .spawn(move || {
                 let mut h = Sha256::new();
                 let mut buf = vec![0u8; VERIFY_CHUNK.min(size) as usize];
@@ -927,6 +928,10 @@ fn read_at(file: &File, len: usize, offset: u64) -> io::Result<Vec<u8>> {
 /// written, so that one stream is not limited by hashing plus writing on one core.
 pub const HASH_THREAD_MIN: u64 = 4 << 20;
 
+/// Stack of the per-upload hashing and verification threads: they only run SHA-256 and
+/// a read loop, and with one per upload the default 2 MiB would add up.
+const HELPER_STACK: usize = 128 << 10;
+
 /// Chunks queued for an upload's hashing thread: a little slack lets the writer run
 /// ahead of a momentarily slower hasher, and bounds the memory held.
 const HASH_QUEUE: usize = 1;
@@ -948,6 +953,7 @@ impl Hashing {
         let (chunks, rx) = std::sync::mpsc::sync_channel(HASH_QUEUE);
         let spawned = std::thread::Builder::new()
             .name("cas-hash".into())
+            .stack_size(HELPER_STACK)
             .spawn(move || {
                 let mut h = Sha256::new();
                 for (chunk, guard) in rx {
