@@ -38,14 +38,6 @@ const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_millis(50);
 /// Units of [`UPLOAD_BUFFER_BUDGET`] accounting.
 const BUDGET_UNIT: usize = 1024;
 
-/// A permit for nothing, as a placeholder.
-fn empty_permit(budget: &Arc<tokio::sync::Semaphore>) -> tokio::sync::OwnedSemaphorePermit {
-    budget
-        .clone()
-        .try_acquire_many_owned(0)
-        .expect("zero permits are always available")
-}
-
 /// Budget reserved for an upload's first message, before its size is known: the chunk
 /// size buildbox-casd uses.
 const FIRST_MESSAGE_ESTIMATE: usize = 2 << 20;
@@ -67,13 +59,12 @@ async fn acquire_budget(
 /// clients cannot starve busy ones.
 async fn next_message(
     stream: &mut Streaming<WriteRequest>,
-    reserved: &mut tokio::sync::OwnedSemaphorePermit,
-    budget: &Arc<tokio::sync::Semaphore>,
+    reserved: &mut Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<Option<WriteRequest>, Status> {
     match tokio::time::timeout(IDLE_RELEASE, stream.message()).await {
         Ok(next) => next,
         Err(_) => {
-            drop(std::mem::replace(reserved, empty_permit(budget)));
+            *reserved = None;
             stream.message().await
         }
     }
@@ -199,8 +190,8 @@ impl ByteStream for ByteStreamService {
         }
         let mut stream = request.into_inner();
         let budget = self.budget.clone();
-        let mut reserved = acquire_budget(&budget, FIRST_MESSAGE_ESTIMATE).await?;
-        let Some(first) = next_message(&mut stream, &mut reserved, &budget).await? else {
+        let mut reserved = Some(acquire_budget(&budget, FIRST_MESSAGE_ESTIMATE).await?);
+        let Some(first) = next_message(&mut stream, &mut reserved).await? else {
             return Err(Status::invalid_argument("Write stream carried no request"));
         };
         let resource = first.resource_name.clone();
@@ -218,7 +209,7 @@ impl ByteStream for ByteStreamService {
         // Receiving the next message overlaps with storing the previous one: the storage
         // side runs on its own blocking thread, fed through a short queue. Each chunk
         // carries its share of the upload budget until it has been hashed.
-        type Budgeted = (bytes::Bytes, tokio::sync::OwnedSemaphorePermit);
+        type Budgeted = (bytes::Bytes, Option<tokio::sync::OwnedSemaphorePermit>);
         let (chunks, mut queued) = tokio::sync::mpsc::channel::<Budgeted>(WRITE_QUEUE);
         let storing = tokio::task::spawn_blocking(move || {
             let mut writer = writer;
@@ -252,24 +243,28 @@ impl ByteStream for ByteStreamService {
                     }));
                 }
                 let size = msg.data.len();
-                if budget_units(size) as usize > reserved.num_permits() {
+                let held = reserved.as_ref().map_or(0, |p| p.num_permits());
+                if budget_units(size) as usize > held {
                     // Never wait holding part of the budget: two uploads doing that
                     // could each hold what the other waits for.
-                    drop(std::mem::replace(&mut reserved, empty_permit(&budget)));
+                    drop(reserved.take());
                     reserved = match acquire_budget(&budget, size).await {
-                        Ok(p) => p,
+                        Ok(p) => Some(p),
                         Err(e) => break Err(e),
                     };
                 }
-                let permit = std::mem::replace(&mut reserved, empty_permit(&budget));
-                if chunks.send((msg.data.into(), permit)).await.is_err() {
+                if chunks
+                    .send((msg.data.into(), reserved.take()))
+                    .await
+                    .is_err()
+                {
                     // The storing side stopped on an error, reported below.
                     break Ok(());
                 }
                 if !msg.finish_write {
                     // Budget for the next message, sized like this one.
                     reserved = match acquire_budget(&budget, size).await {
-                        Ok(p) => p,
+                        Ok(p) => Some(p),
                         Err(e) => break Err(e),
                     };
                 }
@@ -278,7 +273,7 @@ impl ByteStream for ByteStreamService {
             if msg.finish_write {
                 break Ok(());
             }
-            msg = match next_message(&mut stream, &mut reserved, &budget).await {
+            msg = match next_message(&mut stream, &mut reserved).await {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     break Err(Status::failed_precondition(format!(
