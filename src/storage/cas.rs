@@ -471,13 +471,9 @@ impl CasStore {
             .collect()
     }
 
-    /// Opens a present blob for reading, refreshing its LRU stamp.
-    pub fn open_blob(&self, d: &Digest) -> Result<Option<File>, CasError> {
-        Ok(self.open_identified(d)?.map(|(f, _)| f))
-    }
-
-    /// [`CasStore::open_blob`], with the identity of the file opened.
-    fn open_identified(&self, d: &Digest) -> Result<Option<(File, FileId)>, CasError> {
+    /// Opens a present blob for reading, refreshing its LRU stamp; with the identity of
+    /// the file opened (for [`VerifiedSet`]).
+    fn open_blob(&self, d: &Digest) -> Result<Option<(File, FileId)>, CasError> {
         let path = self.path_of(d);
         match File::open(&path) {
             Ok(f) => {
@@ -502,7 +498,7 @@ impl CasStore {
         if d.is_empty_blob() {
             return Ok(Some(Vec::new()));
         }
-        let Some((mut f, id)) = self.open_identified(d)? else {
+        let Some((mut f, id)) = self.open_blob(d)? else {
             return Ok(None);
         };
         let mut buf = Vec::with_capacity(d.size() as usize);
@@ -535,7 +531,7 @@ impl CasStore {
         let opened = if d.is_empty_blob() {
             None
         } else {
-            match self.open_identified(d)? {
+            match self.open_blob(d)? {
                 Some(opened) => Some(opened),
                 None => return Ok(None),
             }
@@ -1011,14 +1007,6 @@ pub struct BlobWriter {
 }
 
 impl BlobWriter {
-    pub fn written(&self) -> u64 {
-        self.written
-    }
-
-    pub fn digest(&self) -> &Digest {
-        &self.digest
-    }
-
     pub fn write(&mut self, data: &[u8]) -> Result<(), CasError> {
         self.check_room(data.len())?;
         match &mut self.hasher {
