@@ -3,7 +3,7 @@
 
 use crate::cli::ServeArgs;
 use crate::service::asset::AssetService;
-use crate::service::bytestream::ByteStreamService;
+use crate::service::bytestream::{ByteStreamServer, ByteStreamService};
 use crate::service::capabilities::CapabilitiesService;
 use crate::service::cas::CasService;
 use crate::service::{Instances, ServiceConfig, MAX_MESSAGE_BYTES};
@@ -17,7 +17,6 @@ use bazel_remote_apis::build::bazel::remote::execution::v2::{
     capabilities_server::CapabilitiesServer,
     content_addressable_storage_server::ContentAddressableStorageServer,
 };
-use bazel_remote_apis::google::bytestream::byte_stream_server::ByteStreamServer;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
@@ -109,9 +108,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 store: store.clone(),
                 config: config.clone(),
             })))
-            .add_service(limited!(ByteStreamServer::new(ByteStreamService::new(
-                store, config
-            ))));
+            // Not a generated server: ByteStream handles its own HTTP/2 bodies and limits.
+            .add_service(ByteStreamServer::new(ByteStreamService::new(store, config)));
     }
 
     println!("bst-artifact-server listening on {local}");

@@ -683,3 +683,200 @@ async fn many_concurrent_uploads_beside_stalled_ones_all_complete() {
         assert!(bounded(call).await.unwrap().is_err());
     }
 }
+
+/// A gRPC message with its 5-byte prefix (`flag` 1: compressed).
+fn frame(flag: u8, msg: &[u8]) -> Vec<u8> {
+    let mut out = vec![flag];
+    out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    out.extend_from_slice(msg);
+    out
+}
+
+/// A ByteStream call made by hand on the server's HTTP/2 connection, its body sent
+/// exactly as given. Returns the status code and message, and the response's data.
+async fn raw_call(
+    ch: &Channel,
+    method: &str,
+    body: Vec<u8>,
+    encoding: Option<&str>,
+) -> (Code, String, Vec<u8>) {
+    use http_body_util::BodyExt;
+    use tonic::codegen::Service;
+    let mut req = http::Request::builder()
+        .method("POST")
+        .uri(format!("/google.bytestream.ByteStream/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(e) = encoding {
+        req = req.header("grpc-encoding", e);
+    }
+    let req = req
+        .body(tonic::body::Body::new(http_body_util::Full::new(
+            bytes::Bytes::from(body),
+        )))
+        .unwrap();
+    let mut ch = ch.clone();
+    let resp = bounded(async {
+        futures::future::poll_fn(|cx| ch.poll_ready(cx))
+            .await
+            .unwrap();
+        ch.call(req).await.unwrap()
+    })
+    .await;
+    let (parts, body) = resp.into_parts();
+    let collected = bounded(body.collect()).await.unwrap();
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let data = collected.to_bytes().to_vec();
+    // A status alone comes in the headers ("trailers-only"), else in the trailers.
+    let status = if parts.headers.contains_key("grpc-status") {
+        parts.headers
+    } else {
+        trailers
+    };
+    let code = status["grpc-status"]
+        .to_str()
+        .unwrap()
+        .parse::<i32>()
+        .unwrap();
+    let message = status
+        .get("grpc-message")
+        .map(|m| percent_decode(m.as_bytes()))
+        .unwrap_or_default();
+    (Code::from(code), message, data)
+}
+
+/// grpc-message is percent-encoded on the wire.
+fn percent_decode(s: &[u8]) -> String {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < s.len() {
+        if s[i] == b'%' && i + 2 < s.len() {
+            let hex = std::str::from_utf8(&s[i + 1..i + 3]).unwrap();
+            out.push(u8::from_str_radix(hex, 16).unwrap());
+            i += 3;
+        } else {
+            out.push(s[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// The server decodes Write bodies itself as they arrive: any valid encoding is taken
+/// (fields in any order, unknown fields), anything else gets a precise status, and the
+/// server carries on.
+#[tokio::test(flavor = "multi_thread")]
+async fn hand_made_write_and_read_bodies() {
+    use prost::Message;
+    let (repo, server) = push_server(&[]);
+    let ch = server.channel().await;
+    let blob = pseudo_random(1400, 300_000);
+    let d = digest(&blob);
+    let name = upload_name("", &d);
+
+    // Data first, an unknown field, then finish_write, write_offset and the name.
+    let mut msg = Vec::new();
+    prost::encoding::bytes::encode(10, &blob, &mut msg);
+    prost::encoding::uint64::encode(7, &12345, &mut msg);
+    prost::encoding::bool::encode(3, &true, &mut msg);
+    prost::encoding::int64::encode(2, &0, &mut msg);
+    prost::encoding::string::encode(1, &name, &mut msg);
+    let (code, message, data) = raw_call(&ch, "Write", frame(0, &msg), None).await;
+    assert_eq!(code, Code::Ok, "{message}");
+    let resp = bazel_remote_apis::google::bytestream::WriteResponse::decode(&data[5..]).unwrap();
+    assert_eq!(resp.committed_size, blob.len() as i64);
+    assert_stored(&ch, repo.path(), &blob).await;
+
+    // Read by hand too: messages whose data, put together, is the blob.
+    let req = bazel_remote_apis::google::bytestream::ReadRequest {
+        resource_name: read_name("", &d),
+        ..Default::default()
+    };
+    let (code, message, data) = raw_call(&ch, "Read", frame(0, &encode(&req)), None).await;
+    assert_eq!(code, Code::Ok, "{message}");
+    let (mut rest, mut got) = (&data[..], Vec::new());
+    while !rest.is_empty() {
+        let len = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+        let m =
+            bazel_remote_apis::google::bytestream::ReadResponse::decode(&rest[5..5 + len]).unwrap();
+        got.extend_from_slice(&m.data);
+        rest = &rest[5 + len..];
+    }
+    assert!(got == blob);
+
+    let other = pseudo_random(1401, 5000);
+    let other_name = upload_name("", &digest(&other));
+    let good = WriteRequest {
+        resource_name: other_name.clone(),
+        write_offset: 0,
+        finish_write: true,
+        data: other.clone(),
+    };
+    // What, the body, its grpc-encoding, the expected code and words of the message.
+    type Case<'a> = (&'a str, Vec<u8>, Option<&'a str>, Code, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "garbage",
+            frame(0, &[0xff; 40]),
+            None,
+            Code::InvalidArgument,
+            "malformed",
+        ),
+        (
+            "compressed flag",
+            frame(1, &encode(&good)),
+            None,
+            Code::Unimplemented,
+            "compressed",
+        ),
+        (
+            "gzip",
+            frame(0, &encode(&good)),
+            Some("gzip"),
+            Code::Unimplemented,
+            "compressed",
+        ),
+        (
+            "cut short",
+            frame(0, &encode(&good))[..100].to_vec(),
+            None,
+            Code::InvalidArgument,
+            "ended in the middle",
+        ),
+        (
+            "data twice",
+            frame(0, &[encode(&good), vec![0x52, 1, 0]].concat()),
+            None,
+            Code::InvalidArgument,
+            "twice",
+        ),
+        (
+            "no message",
+            vec![],
+            None,
+            Code::InvalidArgument,
+            "no request",
+        ),
+    ];
+    for (what, body, encoding, code, words) in cases {
+        let (got, message, _) = raw_call(&ch, "Write", body, encoding).await;
+        assert_eq!(got, code, "{what}: {message}");
+        assert!(message.contains(words), "{what}: {message}");
+        assert_not_stored(&ch, repo.path(), &other).await;
+    }
+    let (got, message, _) = raw_call(&ch, "Read", frame(0, &[0xff; 9]), None).await;
+    assert_eq!(got, Code::InvalidArgument, "{message}");
+    let req = encode(&bazel_remote_apis::google::bytestream::ReadRequest {
+        resource_name: read_name("", &d),
+        ..Default::default()
+    });
+    let twice = [frame(0, &req), frame(0, &req)].concat();
+    let (got, message, _) = raw_call(&ch, "Read", twice, None).await;
+    assert_eq!(got, Code::InvalidArgument, "{message}");
+    let (got, message, _) = raw_call(&ch, "Delete", frame(0, &req), None).await;
+    assert_eq!(got, Code::Unimplemented, "{message}");
+
+    // And the server is as good as before.
+    write(&ch, &other_name, &other, CASD_CHUNK).await.unwrap();
+    assert_stored(&ch, repo.path(), &other).await;
+}

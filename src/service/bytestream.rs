@@ -8,81 +8,50 @@
 //!   `resource_name`, no `finish_write`): FAILED_PRECONDITION;
 //! - `read_offset`/`read_limit` outside the blob: OUT_OF_RANGE.
 
-use super::resource_name::{parse_read, parse_write};
-use super::{blocking, cas_status, push_disabled, ServiceConfig};
-use crate::storage::cas::{CasError, CasStore};
-use bazel_remote_apis::google::bytestream::{
-    byte_stream_server::ByteStream, QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest,
-    ReadResponse, WriteRequest, WriteResponse,
+use super::grpc_http::{
+    bytes_message_prefix, check_encoding, status_response, status_trailers, streaming_response,
+    unary_request, unary_response, BodyFrame, HttpRequest, HttpResponse,
 };
-use futures::Stream;
+use super::resource_name::{parse_read, parse_write};
+use super::upload_buffers::{Filling, UploadBuffers, BUFFERS};
+use super::write_decoder::{DecodeError, Event, WriteDecoder};
+use super::{blocking, cas_status, push_disabled, ServiceConfig};
+use crate::storage::cas::{BlobWriter, CasError, CasStore};
+use crate::storage::digest::Digest;
+use bazel_remote_apis::google::bytestream::{
+    QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest, WriteResponse,
+};
+use bytes::Bytes;
+use http_body_util::BodyExt;
 use std::collections::HashMap;
-use std::pin::Pin;
+use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::body::Body;
+use tonic::Status;
 
 /// Bytes per ReadResponse: within the 1-2 MiB that casd and Bazel expect.
 pub const READ_CHUNK: u64 = 1024 * 1024;
 
-/// Received chunks an upload may queue for storing, on top of the one being stored.
+/// Filled buffers an upload may queue for storing, on top of the one being stored.
 const WRITE_QUEUE: usize = 1;
 
-/// Upload data received but not yet written and hashed, across all uploads. An upload
-/// that would pass it stops reading its stream (HTTP/2 flow control then holds the
-/// client back), so memory stays bounded however many clients upload at once.
-pub const UPLOAD_BUFFER_BUDGET: usize = 16 << 20;
-
-/// How long an upload may hold budget for a message its client has not sent yet.
+/// How long an upload keeps a partly filled buffer while its client sends nothing:
+/// then the buffer is stored as it is and goes back to the shared set, so that idle
+/// clients cannot starve busy ones.
 const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// Units of [`UPLOAD_BUFFER_BUDGET`] accounting.
-const BUDGET_UNIT: usize = 1024;
+/// `data` is field 10 of ReadResponse (google/bytestream/bytestream.proto).
+const READ_RESPONSE_DATA: u32 = 10;
 
-/// Budget reserved for an upload's first message, before its size is known: the chunk
-/// size buildbox-casd uses.
-const FIRST_MESSAGE_ESTIMATE: usize = 2 << 20;
-
-async fn acquire_budget(
-    budget: &Arc<tokio::sync::Semaphore>,
-    bytes: usize,
-) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
-    budget
-        .clone()
-        .acquire_many_owned(budget_units(bytes))
-        .await
-        .map_err(|_| Status::unavailable("the server is shutting down"))
-}
-
-/// Reads the next message of an upload holding `reserved` (budget for it, reserved
-/// before reading so that a waiting upload leaves its data in the client). A client that
-/// sends nothing for [`IDLE_RELEASE`] gives the reservation back meanwhile, so idle
-/// clients cannot starve busy ones.
-async fn next_message(
-    stream: &mut Streaming<WriteRequest>,
-    reserved: &mut Option<tokio::sync::OwnedSemaphorePermit>,
-) -> Result<Option<WriteRequest>, Status> {
-    match tokio::time::timeout(IDLE_RELEASE, stream.message()).await {
-        Ok(next) => next,
-        Err(_) => {
-            *reserved = None;
-            stream.message().await
-        }
-    }
-}
-
-fn budget_units(bytes: usize) -> u32 {
-    bytes
-        .div_ceil(BUDGET_UNIT)
-        .min(UPLOAD_BUFFER_BUDGET / BUDGET_UNIT) as u32
-}
+const SERVICE: &str = "google.bytestream.ByteStream";
 
 pub struct ByteStreamService {
     pub store: Arc<CasStore>,
     pub config: ServiceConfig,
     /// Uploads in progress by resource name, with the bytes received so far.
     uploads: Arc<Mutex<HashMap<String, u64>>>,
-    /// See [`UPLOAD_BUFFER_BUDGET`].
-    budget: Arc<tokio::sync::Semaphore>,
+    /// Memory for upload data, shared by all uploads.
+    buffers: Arc<UploadBuffers>,
 }
 
 impl ByteStreamService {
@@ -91,9 +60,7 @@ impl ByteStreamService {
             store,
             config,
             uploads: Default::default(),
-            budget: Arc::new(tokio::sync::Semaphore::new(
-                UPLOAD_BUFFER_BUDGET / BUDGET_UNIT,
-            )),
+            buffers: UploadBuffers::new(BUFFERS),
         }
     }
 }
@@ -122,17 +89,117 @@ impl Drop for UploadGuard {
     }
 }
 
-type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
+/// The service as tonic's router sees it: ByteStream's three methods, served from raw
+/// HTTP/2 requests (see [`super::grpc_http`]).
+#[derive(Clone)]
+pub struct ByteStreamServer(Arc<ByteStreamService>);
 
-#[tonic::async_trait]
-impl ByteStream for ByteStreamService {
-    type ReadStream = ReadStream;
+impl ByteStreamServer {
+    pub fn new(service: ByteStreamService) -> Self {
+        ByteStreamServer(Arc::new(service))
+    }
+}
 
-    async fn read(
-        &self,
-        request: Request<ReadRequest>,
-    ) -> Result<Response<Self::ReadStream>, Status> {
-        let req = request.into_inner();
+impl tonic::server::NamedService for ByteStreamServer {
+    const NAME: &'static str = SERVICE;
+}
+
+impl tonic::codegen::Service<HttpRequest> for ByteStreamServer {
+    type Response = HttpResponse;
+    type Error = Infallible;
+    type Future = tonic::codegen::BoxFuture<HttpResponse, Infallible>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: HttpRequest) -> Self::Future {
+        let svc = self.0.clone();
+        Box::pin(async move {
+            let method = req
+                .uri()
+                .path()
+                .strip_prefix("/google.bytestream.ByteStream/")
+                .unwrap_or_default()
+                .to_owned();
+            if let Err(status) = check_encoding(&req) {
+                return Ok(status_response(status));
+            }
+            let body = req.into_body();
+            Ok(match method.as_str() {
+                "Read" => match svc.read(body).await {
+                    Ok(response) => response,
+                    Err(status) => status_response(status),
+                },
+                "Write" => match svc.write(body).await {
+                    Ok(done) => unary_response(&done),
+                    Err(status) => status_response(status),
+                },
+                "QueryWriteStatus" => match svc.query_write_status(body).await {
+                    Ok(status) => unary_response(&status),
+                    Err(status) => status_response(status),
+                },
+                other => status_response(Status::unimplemented(format!(
+                    "{SERVICE} has no method {:?}",
+                    crate::storage::digest::truncate_for_message(other)
+                ))),
+            })
+        })
+    }
+}
+
+/// An upload once its resource name is known: the blob, and the thread storing it.
+struct Started {
+    resource: String,
+    digest: Digest,
+    progress: UploadGuard,
+    chunks: tokio::sync::mpsc::Sender<Bytes>,
+    storing: tokio::task::JoinHandle<Result<BlobWriter, Status>>,
+}
+
+impl Started {
+    /// Queues a filled buffer for storing; an error if storing has failed.
+    async fn store(&mut self, filled: Filling) -> Result<(), Status> {
+        if self.chunks.send(filled.freeze()).await.is_ok() {
+            return Ok(());
+        }
+        // The storing side stopped: on an error, which is the one to report.
+        let (closed, _) = tokio::sync::mpsc::channel(1);
+        drop(std::mem::replace(&mut self.chunks, closed));
+        match (&mut self.storing).await {
+            Ok(Err(status)) => Err(status),
+            Ok(Ok(_)) => Err(Status::internal("upload storage stopped early")),
+            Err(e) => Err(Status::internal(format!("storage task failed: {e}"))),
+        }
+    }
+
+    /// Waits for everything queued to be stored, then verifies and commits the blob.
+    async fn commit(self) -> Result<WriteResponse, Status> {
+        drop(self.chunks);
+        let writer = self
+            .storing
+            .await
+            .map_err(|e| Status::internal(format!("storage task failed: {e}")))??;
+        blocking(move || writer.commit().map_err(cas_status)).await?;
+        Ok(WriteResponse {
+            committed_size: self.digest.size() as i64,
+        })
+    }
+}
+
+fn decode_status(e: DecodeError) -> Status {
+    match e {
+        DecodeError::Compressed => Status::unimplemented(e.to_string()),
+        _ => Status::invalid_argument(e.to_string()),
+    }
+}
+
+impl ByteStreamService {
+    async fn read(&self, body: Body) -> Result<HttpResponse, Status> {
+        let req: ReadRequest = unary_request(body, "ReadRequest").await?;
         let name = parse_read(&req.resource_name)?;
         self.config.instances.check(&name.instance)?;
         let digest = name.digest;
@@ -160,155 +227,181 @@ impl ByteStream for ByteStreamService {
             return Err(Status::not_found(format!("blob {digest} not found")));
         };
         // One blocking thread reads the whole range, a short queue ahead of the sender.
-        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        // Each chunk goes out as it was read: a small message prefix, then the buffer.
+        let (tx, rx) = tokio::sync::mpsc::channel::<BodyFrame>(4);
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || loop {
-            match reader.next_chunk(READ_CHUNK, &store).map_err(cas_status) {
-                Ok(Some(data)) => {
-                    if tx.blocking_send(Ok(ReadResponse { data })).is_err() {
-                        return; // the client went away
+        tokio::task::spawn_blocking(move || {
+            let status = loop {
+                match reader.next_chunk(READ_CHUNK, &store) {
+                    Ok(Some(data)) => {
+                        let prefix = bytes_message_prefix(READ_RESPONSE_DATA, data.len());
+                        if tx.blocking_send(BodyFrame::data(prefix)).is_err()
+                            || tx.blocking_send(BodyFrame::data(data.into())).is_err()
+                        {
+                            return; // the client went away
+                        }
                     }
+                    Ok(None) => break Status::ok(""),
+                    Err(e) => break cas_status(e),
                 }
-                Ok(None) => return,
-                Err(status) => {
-                    let _ = tx.blocking_send(Err(status));
-                    return;
-                }
-            }
+            };
+            let _ = tx.blocking_send(BodyFrame::trailers(status_trailers(&status)));
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(streaming_response(rx))
     }
 
-    async fn write(
-        &self,
-        request: Request<Streaming<WriteRequest>>,
-    ) -> Result<Response<WriteResponse>, Status> {
+    async fn write(&self, mut body: Body) -> Result<WriteResponse, Status> {
         if !self.config.allow_push {
             return Err(push_disabled());
         }
-        let mut stream = request.into_inner();
-        let budget = self.budget.clone();
-        let mut reserved = Some(acquire_budget(&budget, FIRST_MESSAGE_ESTIMATE).await?);
-        let Some(first) = next_message(&mut stream, &mut reserved).await? else {
-            return Err(Status::invalid_argument("Write stream carried no request"));
-        };
-        let resource = first.resource_name.clone();
-        let name = parse_write(&resource)?;
+        let mut decoder = WriteDecoder::default();
+        let mut started: Option<Started> = None;
+        // Data received and not yet queued for storing.
+        let mut filling: Option<Filling> = None;
+        // Data bytes received in all, and when the current message began.
+        let mut received = 0u64;
+        let mut message_start = 0u64;
+        let mut messages = 0u64;
+        loop {
+            let holding = filling.as_ref().is_some_and(|f| !f.is_empty());
+            let frame = match (holding, &mut started) {
+                (true, Some(upload)) => {
+                    match tokio::time::timeout(IDLE_RELEASE, body.frame()).await {
+                        Ok(frame) => frame,
+                        Err(_) => {
+                            let idle = filling.take().expect("a buffer is held");
+                            upload.store(idle).await?;
+                            body.frame().await
+                        }
+                    }
+                }
+                _ => body.frame().await,
+            };
+            let mut data = match frame {
+                None => break,
+                Some(frame) => match frame?.into_data() {
+                    Ok(data) => data,
+                    Err(_) => continue, // trailers
+                },
+            };
+            while let Some(event) = decoder.next(&mut data).map_err(decode_status)? {
+                match event {
+                    Event::Data(mut piece) => {
+                        received += piece.len() as u64;
+                        if started.is_none() && !decoder.resource_name().is_empty() {
+                            started = Some(self.start(decoder.resource_name(), received).await?);
+                        }
+                        if let Some(upload) = &started {
+                            check_overrun(&upload.digest, received)?;
+                        }
+                        while !piece.is_empty() {
+                            let buf =
+                                match &mut filling {
+                                    Some(buf) => buf,
+                                    None => filling.insert(self.buffers.take().await.ok_or_else(
+                                        || Status::resource_exhausted("out of memory for uploads"),
+                                    )?),
+                                };
+                            let n = buf.push(&piece);
+                            let _ = piece.split_to(n);
+                            if buf.is_full() {
+                                let Some(upload) = &mut started else {
+                                    return Err(Status::invalid_argument(
+                                        "the first WriteRequest must name its resource before \
+                                         sending more than 1 MiB of data",
+                                    ));
+                                };
+                                upload.store(filling.take().expect("just filled")).await?;
+                            }
+                        }
+                    }
+                    Event::End(header) => {
+                        messages += 1;
+                        if started.is_none() {
+                            started = Some(self.start(&header.resource_name, received).await?);
+                        }
+                        let upload = started.as_mut().expect("started above");
+                        if !header.resource_name.is_empty()
+                            && header.resource_name != upload.resource
+                        {
+                            return Err(Status::failed_precondition(
+                                "resource_name changed in the middle of a Write stream",
+                            ));
+                        }
+                        if header.write_offset != message_start as i64 {
+                            return Err(Status::failed_precondition(format!(
+                                "write_offset {} does not match the {message_start} bytes \
+                                 received before it",
+                                header.write_offset,
+                            )));
+                        }
+                        message_start = received;
+                        upload.progress.progress(received);
+                        if header.finish_write {
+                            if let Some(last) = filling.take().filter(|f| !f.is_empty()) {
+                                upload.store(last).await?;
+                            }
+                            return started.take().expect("started above").commit().await;
+                        }
+                    }
+                }
+            }
+        }
+        if !decoder.at_boundary() {
+            return Err(decode_status(DecodeError::Truncated));
+        }
+        Err(match started {
+            None if messages == 0 => Status::invalid_argument("Write stream carried no request"),
+            _ => Status::failed_precondition(format!(
+                "Write stream ended after {received} bytes without finish_write"
+            )),
+        })
+    }
+
+    /// Begins storing the upload named `resource`, `received` bytes into it.
+    async fn start(&self, resource: &str, received: u64) -> Result<Started, Status> {
+        let name = parse_write(resource)?;
         self.config.instances.check(&name.instance)?;
         let digest = name.digest;
-        let guard = UploadGuard {
+        check_overrun(&digest, received)?;
+        let progress = UploadGuard {
             uploads: self.uploads.clone(),
-            name: resource.clone(),
+            name: resource.to_owned(),
         };
-        guard.progress(0);
+        progress.progress(0);
         let store = self.store.clone();
         let d = digest.clone();
         let writer = blocking(move || store.begin_write(d).map_err(cas_status)).await?;
-        // Receiving the next message overlaps with storing the previous one: the storage
-        // side runs on its own blocking thread, fed through a short queue. Each chunk
-        // carries its share of the upload budget until it has been hashed.
-        type Budgeted = (bytes::Bytes, Option<tokio::sync::OwnedSemaphorePermit>);
-        let (chunks, mut queued) = tokio::sync::mpsc::channel::<Budgeted>(WRITE_QUEUE);
+        // Receiving the next buffer overlaps with storing the previous one: the storage
+        // side runs on its own blocking thread, fed through a short queue.
+        let (chunks, mut queued) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
         let storing = tokio::task::spawn_blocking(move || {
             let mut writer = writer;
-            while let Some((chunk, permit)) = queued.blocking_recv() {
-                writer
-                    .write_bytes(chunk, Box::new(permit))
-                    .map_err(cas_status)?;
+            while let Some(chunk) = queued.blocking_recv() {
+                writer.write_bytes(chunk).map_err(cas_status)?;
             }
             Ok::<_, Status>(writer)
         });
-        let mut received = 0u64;
-        let mut msg = first;
-        let outcome: Result<(), Status> = loop {
-            if !msg.resource_name.is_empty() && msg.resource_name != resource {
-                break Err(Status::failed_precondition(
-                    "resource_name changed in the middle of a Write stream",
-                ));
-            }
-            if msg.write_offset != received as i64 {
-                break Err(Status::failed_precondition(format!(
-                    "write_offset {} does not match the {received} bytes received so far",
-                    msg.write_offset,
-                )));
-            }
-            if !msg.data.is_empty() {
-                received += msg.data.len() as u64;
-                if received > digest.size() {
-                    break Err(cas_status(CasError::Overrun {
-                        expected: digest.size(),
-                        actual: received,
-                    }));
-                }
-                let size = msg.data.len();
-                let held = reserved.as_ref().map_or(0, |p| p.num_permits());
-                if budget_units(size) as usize > held {
-                    // Never wait holding part of the budget: two uploads doing that
-                    // could each hold what the other waits for.
-                    drop(reserved.take());
-                    reserved = match acquire_budget(&budget, size).await {
-                        Ok(p) => Some(p),
-                        Err(e) => break Err(e),
-                    };
-                }
-                if chunks
-                    .send((msg.data.into(), reserved.take()))
-                    .await
-                    .is_err()
-                {
-                    // The storing side stopped on an error, reported below.
-                    break Ok(());
-                }
-                if !msg.finish_write {
-                    // Budget for the next message, sized like this one.
-                    reserved = match acquire_budget(&budget, size).await {
-                        Ok(p) => Some(p),
-                        Err(e) => break Err(e),
-                    };
-                }
-                guard.progress(received);
-            }
-            if msg.finish_write {
-                break Ok(());
-            }
-            msg = match next_message(&mut stream, &mut reserved).await {
-                Ok(Some(m)) => m,
-                Ok(None) => {
-                    break Err(Status::failed_precondition(format!(
-                    "Write stream for {digest} ended after {received} bytes without finish_write"
-                )))
-                }
-                Err(e) => break Err(e),
-            };
-        };
-        drop(chunks);
-        let stored = storing
-            .await
-            .map_err(|e| Status::internal(format!("storage task failed: {e}")))?;
-        outcome?;
-        let writer = stored?;
-        blocking(move || writer.commit().map_err(cas_status)).await?;
-        Ok(Response::new(WriteResponse {
-            committed_size: digest.size() as i64,
-        }))
+        Ok(Started {
+            resource: resource.to_owned(),
+            digest,
+            progress,
+            chunks,
+            storing,
+        })
     }
 
-    async fn query_write_status(
-        &self,
-        request: Request<QueryWriteStatusRequest>,
-    ) -> Result<Response<QueryWriteStatusResponse>, Status> {
-        let req = request.into_inner();
+    async fn query_write_status(&self, body: Body) -> Result<QueryWriteStatusResponse, Status> {
+        let req: QueryWriteStatusRequest = unary_request(body, "QueryWriteStatusRequest").await?;
         let name = parse_write(&req.resource_name)?;
         self.config.instances.check(&name.instance)?;
         let store = self.store.clone();
         let d = name.digest.clone();
         if blocking(move || Ok(store.contains(&d))).await? {
-            return Ok(Response::new(QueryWriteStatusResponse {
+            return Ok(QueryWriteStatusResponse {
                 committed_size: name.digest.size() as i64,
                 complete: true,
-            }));
+            });
         }
         let progress = self
             .uploads
@@ -317,14 +410,24 @@ impl ByteStream for ByteStreamService {
             .get(&req.resource_name)
             .copied();
         match progress {
-            Some(bytes) => Ok(Response::new(QueryWriteStatusResponse {
+            Some(bytes) => Ok(QueryWriteStatusResponse {
                 committed_size: bytes as i64,
                 complete: false,
-            })),
+            }),
             None => Err(Status::not_found(format!(
                 "no upload in progress for {:?} and the blob is not stored",
                 crate::storage::digest::truncate_for_message(&req.resource_name)
             ))),
         }
     }
+}
+
+fn check_overrun(digest: &Digest, received: u64) -> Result<(), Status> {
+    if received > digest.size() {
+        return Err(cas_status(CasError::Overrun {
+            expected: digest.size(),
+            actual: received,
+        }));
+    }
+    Ok(())
 }

@@ -5,7 +5,10 @@ pub mod asset;
 pub mod bytestream;
 pub mod capabilities;
 pub mod cas;
+pub mod grpc_http;
 pub mod resource_name;
+pub mod upload_buffers;
+pub mod write_decoder;
 
 use crate::storage::cas::CasError;
 use crate::storage::digest::{truncate_for_message, Digest, DigestError};

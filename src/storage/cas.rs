@@ -932,14 +932,10 @@ const HELPER_STACK: usize = 128 << 10;
 /// ahead of a momentarily slower hasher, and bounds the memory held.
 const HASH_QUEUE: usize = 1;
 
-/// Anything the caller wants kept alive until a chunk has been hashed (e.g. its share
-/// of a memory budget).
-pub type ChunkGuard = Box<dyn Send>;
-
 enum Hashing {
     Inline(Sha256),
     Thread {
-        chunks: std::sync::mpsc::SyncSender<(bytes::Bytes, Option<ChunkGuard>)>,
+        chunks: std::sync::mpsc::SyncSender<bytes::Bytes>,
         result: std::thread::JoinHandle<Sha256>,
     },
 }
@@ -952,10 +948,9 @@ impl Hashing {
             .stack_size(HELPER_STACK)
             .spawn(move || {
                 let mut h = Sha256::new();
-                for (chunk, guard) in rx {
+                for chunk in rx {
                     let chunk: bytes::Bytes = chunk;
                     h.update(&chunk);
-                    drop::<Option<ChunkGuard>>(guard);
                 }
                 h
             });
@@ -966,12 +961,12 @@ impl Hashing {
         }
     }
 
-    fn update(&mut self, data: bytes::Bytes, guard: Option<ChunkGuard>) {
+    fn update(&mut self, data: bytes::Bytes) {
         match self {
             Hashing::Inline(h) => h.update(&data),
             Hashing::Thread { chunks, .. } => {
                 // The thread only stops when the sender is dropped.
-                let _ = chunks.send((data, guard));
+                let _ = chunks.send(data);
             }
         }
     }
@@ -1011,17 +1006,18 @@ impl BlobWriter {
         self.check_room(data.len())?;
         match &mut self.hasher {
             Hashing::Inline(h) => h.update(data),
-            thread => thread.update(bytes::Bytes::copy_from_slice(data), None),
+            thread => thread.update(bytes::Bytes::copy_from_slice(data)),
         }
         self.store(data)
     }
 
-    /// [`BlobWriter::write`] without a copy for the hashing thread. `guard` is dropped
-    /// once the chunk is hashed, which for large blobs (hashed on another thread, while
-    /// this one writes) may be just before it is written.
-    pub fn write_bytes(&mut self, data: bytes::Bytes, guard: ChunkGuard) -> Result<(), CasError> {
+    /// [`BlobWriter::write`] without a copy for the hashing thread. The chunk is
+    /// released once it has been both written and hashed (for large blobs, on another
+    /// thread while this one writes), which is how an owner such as a buffer pool gets
+    /// it back.
+    pub fn write_bytes(&mut self, data: bytes::Bytes) -> Result<(), CasError> {
         self.check_room(data.len())?;
-        self.hasher.update(data.clone(), Some(guard));
+        self.hasher.update(data.clone());
         self.store(&data)
     }
 

@@ -13,7 +13,7 @@
 //! turning `O_DIRECT` off again. Any refusal (a filesystem without `O_DIRECT`, such as
 //! tmpfs on older kernels, or a stricter alignment) falls back to buffered writes.
 
-use std::alloc::{alloc, dealloc, Layout};
+use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
@@ -52,6 +52,14 @@ impl OutputFile {
         let Some(staging) = &mut self.staging else {
             return self.file.write_all(data);
         };
+        if staging.len == 0 && data.as_ptr() as usize % ALIGN == 0 {
+            // Already aligned (uploads arrive in aligned buffers): no staging copy.
+            let aligned = data.len() / ALIGN * ALIGN;
+            if aligned > 0 {
+                write_direct(&mut self.file, &data[..aligned])?;
+                data = &data[aligned..];
+            }
+        }
         while !data.is_empty() {
             let n = staging.push(data);
             data = &data[n..];
@@ -108,31 +116,78 @@ fn set_direct(file: &File, on: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// A heap buffer aligned to [`ALIGN`], filled from the start.
-struct Staging {
+/// A heap buffer of fixed capacity aligned to [`ALIGN`], so that it can be handed to
+/// a direct write as it is.
+pub struct AlignedBuf {
     ptr: *mut u8,
-    len: usize,
+    cap: usize,
 }
 
 // SAFETY: the buffer is owned exclusively, like a Vec<u8>.
-unsafe impl Send for Staging {}
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared access only reads (`&self` methods never write).
+unsafe impl Sync for AlignedBuf {}
 
-impl Staging {
-    fn layout() -> Layout {
-        Layout::from_size_align(STAGING, ALIGN).expect("valid layout")
+impl AlignedBuf {
+    fn layout(cap: usize) -> Layout {
+        Layout::from_size_align(cap, ALIGN).expect("valid layout")
     }
 
-    fn new() -> Option<Self> {
+    /// `cap` zeroed bytes (rounded up to a multiple of [`ALIGN`]), or None if memory is
+    /// short. Zeroed, so that every byte is initialised; these buffers are made once and
+    /// reused, and fresh pages come zeroed from the kernel anyway.
+    pub fn new(cap: usize) -> Option<Self> {
+        let cap = cap.max(1).next_multiple_of(ALIGN);
         // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { alloc(Self::layout()) };
-        (!ptr.is_null()).then_some(Staging { ptr, len: 0 })
+        let ptr = unsafe { alloc_zeroed(Self::layout(cap)) };
+        (!ptr.is_null()).then_some(AlignedBuf { ptr, cap })
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Copies `data` to `at` (`at + data.len() <= capacity`).
+    pub fn copy_in(&mut self, at: usize, data: &[u8]) {
+        assert!(
+            at + data.len() <= self.cap,
+            "copy past the end of an aligned buffer"
+        );
+        // SAFETY: in bounds (checked above); the regions cannot overlap (we own ours).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(at), data.len()) };
+    }
+
+    /// The first `len` bytes.
+    pub fn prefix(&self, len: usize) -> &[u8] {
+        assert!(len <= self.cap, "read past the end of an aligned buffer");
+        // SAFETY: in bounds and initialised (zeroed at allocation); the allocation lives
+        // as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr, len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with the same layout.
+        unsafe { dealloc(self.ptr, Self::layout(self.cap)) };
+    }
+}
+
+/// The staging buffer: an aligned buffer filled from the start.
+struct Staging {
+    buf: AlignedBuf,
+    len: usize,
+}
+
+impl Staging {
+    fn new() -> Option<Self> {
+        AlignedBuf::new(STAGING).map(|buf| Staging { buf, len: 0 })
     }
 
     /// Copies as much of `data` as fits; returns how much that was.
     fn push(&mut self, data: &[u8]) -> usize {
         let n = data.len().min(STAGING - self.len);
-        // SAFETY: `len + n <= STAGING`, the regions cannot overlap (we own ours).
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(self.len), n) };
+        self.buf.copy_in(self.len, &data[..n]);
         self.len += n;
         n
     }
@@ -142,19 +197,11 @@ impl Staging {
     }
 
     fn filled(&self) -> &[u8] {
-        // SAFETY: the first `len` bytes were written by `push`.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+        self.buf.prefix(self.len)
     }
 
     fn clear(&mut self) {
         self.len = 0;
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with the same layout.
-        unsafe { dealloc(self.ptr, Self::layout()) };
     }
 }
 
@@ -183,6 +230,30 @@ mod tests {
         let mut got = Vec::new();
         File::open(&path).unwrap().read_to_end(&mut got).unwrap();
         assert_eq!(got.len(), expected.len());
+        assert!(got == expected, "content differs");
+    }
+
+    #[test]
+    fn aligned_input_is_written_whole_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let mut out = OutputFile::direct(File::create(&path).unwrap());
+        let mut expected = Vec::new();
+        // Aligned pieces of aligned and unaligned lengths, after and between odd ones.
+        for (i, n) in [3 * ALIGN, ALIGN + 17, 5, 2 * ALIGN, STAGING]
+            .into_iter()
+            .enumerate()
+        {
+            let mut buf = AlignedBuf::new(n).unwrap();
+            let chunk: Vec<u8> = (0..n).map(|j| (i * 13 + j * 3) as u8).collect();
+            buf.copy_in(0, &chunk);
+            out.write_all(buf.prefix(n)).unwrap();
+            expected.extend_from_slice(&chunk);
+        }
+        out.finish().unwrap();
+        drop(out);
+        let mut got = Vec::new();
+        File::open(&path).unwrap().read_to_end(&mut got).unwrap();
         assert!(got == expected, "content differs");
     }
 
