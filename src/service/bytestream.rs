@@ -190,10 +190,17 @@ impl Started {
     }
 }
 
+/// The codes tonic gives for the same faults in other services (docs/protocol.md):
+/// bytes that are not a message are INTERNAL, as gRPC's status code specification has it.
 fn decode_status(e: DecodeError) -> Status {
     match e {
         DecodeError::Compressed => Status::unimplemented(e.to_string()),
-        _ => Status::invalid_argument(e.to_string()),
+        DecodeError::Malformed(_) | DecodeError::Truncated => {
+            Status::internal(format!("failed to decode Protobuf message: {e}"))
+        }
+        DecodeError::DataTwice | DecodeError::FieldTooLarge { .. } => {
+            Status::invalid_argument(e.to_string())
+        }
     }
 }
 

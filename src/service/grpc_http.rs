@@ -65,7 +65,9 @@ pub async fn unary_request<M: prost::Message + Default>(
             buf.len() as i64 - 5 - len as i64
         )));
     }
-    M::decode(&buf[5..]).map_err(|e| Status::invalid_argument(format!("malformed {what}: {e}")))
+    // INTERNAL, as tonic answers (and gRPC's status code specification has it).
+    M::decode(&buf[5..])
+        .map_err(|e| Status::internal(format!("failed to decode Protobuf message: {what}: {e}")))
 }
 
 /// A message with its gRPC length prefix.
