@@ -557,6 +557,7 @@ impl CasStore {
             end,
             verify,
             remember,
+            buffers: ReadBuffers::default(),
         }))
     }
 
@@ -751,6 +752,7 @@ pub struct BlobReader {
     verify: Verify,
     /// Where to record a successful check of the object.
     remember: Option<(super::existence::Key, FileId)>,
+    buffers: ReadBuffers,
 }
 
 /// How a whole-blob read checks the content against the digest.
@@ -828,11 +830,20 @@ impl Drop for BlobReader {
 const VERIFY_CHUNK: u64 = 1 << 20;
 
 impl BlobReader {
+    /// Bytes left to read.
+    pub fn remaining(&self) -> u64 {
+        self.end.saturating_sub(self.pos)
+    }
+
     /// The next chunk of at most `max` bytes, or `None` at the end of the range.
     /// A whole-blob read is verified before its last chunk is handed out, so a client
     /// never receives all of a damaged blob. `store` is needed only to quarantine the
     /// object if verification fails.
-    pub fn next_chunk(&mut self, max: u64, store: &CasStore) -> Result<Option<Vec<u8>>, CasError> {
+    pub fn next_chunk(
+        &mut self,
+        max: u64,
+        store: &CasStore,
+    ) -> Result<Option<bytes::Bytes>, CasError> {
         let Some(file) = &self.file else {
             return Ok(None);
         };
@@ -843,10 +854,13 @@ impl BlobReader {
             return Ok(None);
         }
         let len = max.min(self.end - self.pos) as usize;
-        let buf = read_at(file, len, self.pos).map_err(|e| CasError::Corrupt {
-            digest: self.digest.to_string(),
-            reason: format!("reading at offset {}: {e}", self.pos),
-        })?;
+        let buf = self
+            .buffers
+            .read_at(file, len, self.pos)
+            .map_err(|e| CasError::Corrupt {
+                digest: self.digest.to_string(),
+                reason: format!("reading at offset {}: {e}", self.pos),
+            })?;
         if let Verify::Inline(h) = &mut self.verify {
             h.update(&buf);
         }
@@ -885,39 +899,52 @@ impl BlobReader {
     }
 }
 
-/// Reads exactly `len` bytes at `offset` into a new buffer, without zeroing it first.
-fn read_at(file: &File, len: usize, offset: u64) -> io::Result<Vec<u8>> {
-    use std::os::fd::AsRawFd;
-    let mut buf: Vec<u8> = Vec::with_capacity(len);
-    let mut done = 0usize;
-    while done < len {
-        let spare = &mut buf.spare_capacity_mut()[..len - done];
-        // SAFETY: pread writes at most `spare.len()` bytes into memory we own; the
-        // bytes it reports written are initialised, and only those are exposed.
-        let n = unsafe {
-            libc::pread(
-                file.as_raw_fd(),
-                spare.as_mut_ptr() as *mut libc::c_void,
-                spare.len(),
-                (offset + done as u64) as libc::off_t,
-            )
-        };
-        match n {
-            0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
-            n if n < 0 => {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            }
-            n => {
-                done += n as usize;
-                // SAFETY: the first `done` bytes have been written by pread.
-                unsafe { buf.set_len(done) };
-            }
+/// Read buffers a stream reuses: handed out as `Bytes`, they come back when the last
+/// clone is dropped (once sent). A stream that keeps reading into the same few buffers
+/// keeps them in the CPU cache; a fresh buffer per chunk made the copy out of the page
+/// cache twice as slow.
+#[derive(Clone, Default)]
+struct ReadBuffers(Arc<Mutex<Vec<Vec<u8>>>>);
+
+/// Buffers a stream keeps for reuse (more may be out, sent or queued).
+const READ_BUFFERS_KEPT: usize = 8;
+
+struct ReadBuffer {
+    buf: Vec<u8>,
+    len: usize,
+    home: ReadBuffers,
+}
+
+impl AsRef<[u8]> for ReadBuffer {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl Drop for ReadBuffer {
+    fn drop(&mut self) {
+        let mut kept = self.home.0.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() < READ_BUFFERS_KEPT {
+            kept.push(std::mem::take(&mut self.buf));
         }
     }
-    Ok(buf)
+}
+
+impl ReadBuffers {
+    /// Reads exactly `len` bytes at `offset` into a reused buffer.
+    fn read_at(&self, file: &File, len: usize, offset: u64) -> io::Result<bytes::Bytes> {
+        let reused = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut buf = reused.filter(|b| b.len() >= len).unwrap_or_default();
+        if buf.len() < len {
+            buf = vec![0u8; len];
+        }
+        file.read_exact_at(&mut buf[..len], offset)?;
+        Ok(bytes::Bytes::from_owner(ReadBuffer {
+            buf,
+            len,
+            home: self.clone(),
+        }))
+    }
 }
 
 /// Blobs from this size on are hashed on a thread of their own while the upload is
