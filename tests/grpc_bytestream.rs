@@ -684,6 +684,76 @@ async fn many_concurrent_uploads_beside_stalled_ones_all_complete() {
     }
 }
 
+/// Clients that keep trickling a byte at a time must not keep upload memory from the
+/// others: each holds a shared buffer at most briefly, so busy uploads complete while
+/// more trickling clients than there are buffers carry on, and then they complete too.
+#[tokio::test(flavor = "multi_thread")]
+async fn trickling_clients_do_not_starve_busy_uploads() {
+    let (repo, server) = push_server(&[]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tricklers = Vec::new();
+    for i in 0..20 {
+        let ch = server.channel().await;
+        let blob = pseudo_random(1500 + i, 100_000);
+        let name = upload_name("", &digest(&blob));
+        let stop = stop.clone();
+        tricklers.push(tokio::spawn(async move {
+            let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
+            let mut client = bytestream(&ch);
+            let call = tokio::spawn(async move {
+                client
+                    .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+            });
+            let mut off = 0usize;
+            // One byte every 10 ms (bounded: the blob's size less the last message).
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && off < blob.len() - 1 {
+                let msg = WriteRequest {
+                    resource_name: if off == 0 {
+                        name.clone()
+                    } else {
+                        String::new()
+                    },
+                    write_offset: off as i64,
+                    finish_write: false,
+                    data: blob[off..off + 1].to_vec(),
+                };
+                tx.send(msg).await.unwrap();
+                off += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            let last = WriteRequest {
+                resource_name: String::new(),
+                write_offset: off as i64,
+                finish_write: true,
+                data: blob[off..].to_vec(),
+            };
+            tx.send(last).await.unwrap();
+            let r = bounded(call).await.unwrap().unwrap().into_inner();
+            assert_eq!(r.committed_size, blob.len() as i64);
+            blob
+        }));
+    }
+    // Let every trickling client take hold of a buffer first.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let blobs: Vec<Vec<u8>> = (0..3).map(|i| pseudo_random(1600 + i, 8 << 20)).collect();
+    let ch = server.channel().await;
+    for b in &blobs {
+        let r = bounded(write(&ch, &upload_name("", &digest(b)), b, CASD_CHUNK)).await;
+        assert_eq!(r.unwrap().committed_size, b.len() as i64);
+        assert_stored(&ch, repo.path(), b).await;
+    }
+    assert!(
+        tricklers.iter().all(|t| !t.is_finished()),
+        "the trickling clients were still sending while the busy uploads completed"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tricklers {
+        let blob = bounded(t).await.unwrap();
+        assert_stored(&ch, repo.path(), &blob).await;
+    }
+}
+
 /// A gRPC message with its 5-byte prefix (`flag` 1: compressed).
 fn frame(flag: u8, msg: &[u8]) -> Vec<u8> {
     let mut out = vec![flag];

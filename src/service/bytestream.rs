@@ -15,7 +15,7 @@ use super::grpc_http::{
 use super::resource_name::{parse_read, parse_write};
 use super::upload_buffers::{Filling, UploadBuffers, BUFFERS};
 use super::write_decoder::{DecodeError, Event, WriteDecoder};
-use super::{blocking, cas_status, push_disabled, ServiceConfig};
+use super::{blocking, cas_status, push_disabled, ServiceConfig, MAX_MESSAGE_BYTES};
 use crate::storage::cas::{BlobWriter, CasError, CasStore};
 use crate::storage::digest::Digest;
 use bazel_remote_apis::google::bytestream::{
@@ -41,10 +41,10 @@ const READ_QUEUE: usize = 4;
 /// Filled buffers an upload may queue for storing, on top of the one being stored.
 const WRITE_QUEUE: usize = 1;
 
-/// How long an upload keeps a partly filled buffer while its client sends nothing:
-/// then the buffer is stored as it is and goes back to the shared set, so that idle
-/// clients cannot starve busy ones.
-const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_millis(50);
+/// How long an upload may keep a buffer it is filling: then what the buffer holds is
+/// stored as it is and the buffer goes back to the shared set. A fast client fills one
+/// in about a millisecond; a slow or stalled one cannot keep a buffer from the others.
+const HOLD_LIMIT: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// `data` is field 10 of ReadResponse (google/bytestream/bytestream.proto).
 const READ_RESPONSE_DATA: u32 = 10;
@@ -157,18 +157,52 @@ impl tonic::codegen::Service<HttpRequest> for ByteStreamServer {
     }
 }
 
-/// An upload once its resource name is known: the blob, and the thread storing it.
+/// An upload once its resource name is known: the blob, the buffer being filled, and
+/// the thread storing it.
 struct Started {
     resource: String,
     digest: Digest,
     progress: UploadGuard,
+    buffers: Arc<UploadBuffers>,
+    filling: Option<Filling>,
     chunks: tokio::sync::mpsc::Sender<Bytes>,
     storing: tokio::task::JoinHandle<Result<BlobWriter, Status>>,
 }
 
 impl Started {
-    /// Queues a filled buffer for storing; an error if storing has failed.
-    async fn store(&mut self, filled: Filling) -> Result<(), Status> {
+    /// Copies `data` into the upload's buffer, storing each buffer that fills up.
+    async fn accept(&mut self, mut data: &[u8]) -> Result<(), Status> {
+        while !data.is_empty() {
+            let buf = match &mut self.filling {
+                Some(buf) => buf,
+                None => self.filling.insert(
+                    self.buffers
+                        .take()
+                        .await
+                        .ok_or_else(|| Status::resource_exhausted("out of memory for uploads"))?,
+                ),
+            };
+            let n = buf.push(data);
+            data = &data[n..];
+            if buf.is_full() {
+                self.flush().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// How much longer the buffer may be held before what it has is stored anyway;
+    /// None when no buffer holds data.
+    fn hold_left(&self) -> Option<std::time::Duration> {
+        let buf = self.filling.as_ref().filter(|f| !f.is_empty())?;
+        Some(HOLD_LIMIT.saturating_sub(buf.age()))
+    }
+
+    /// Queues what the buffer holds for storing; an error if storing has failed.
+    async fn flush(&mut self) -> Result<(), Status> {
+        let Some(filled) = self.filling.take().filter(|f| !f.is_empty()) else {
+            return Ok(());
+        };
         if self.chunks.send(filled.freeze()).await.is_ok() {
             return Ok(());
         }
@@ -283,26 +317,23 @@ impl ByteStreamService {
         }
         let mut decoder = WriteDecoder::default();
         let mut started: Option<Started> = None;
-        // Data received and not yet queued for storing.
-        let mut filling: Option<Filling> = None;
+        // Data of a first message that names its resource only after the data (valid
+        // protobuf, though no encoder we know does it): kept aside until the name comes.
+        let mut unnamed = Vec::new();
         // Data bytes received in all, and when the current message began.
         let mut received = 0u64;
         let mut message_start = 0u64;
         let mut messages = 0u64;
         loop {
-            let holding = filling.as_ref().is_some_and(|f| !f.is_empty());
-            let frame = match (holding, &mut started) {
-                (true, Some(upload)) => {
-                    match tokio::time::timeout(IDLE_RELEASE, body.frame()).await {
-                        Ok(frame) => frame,
-                        Err(_) => {
-                            let idle = filling.take().expect("a buffer is held");
-                            upload.store(idle).await?;
-                            body.frame().await
-                        }
+            let frame = match started.as_mut().and_then(|u| u.hold_left().map(|t| (u, t))) {
+                Some((upload, left)) => match tokio::time::timeout(left, body.frame()).await {
+                    Ok(frame) => frame,
+                    Err(_) => {
+                        upload.flush().await?;
+                        body.frame().await
                     }
-                }
-                _ => body.frame().await,
+                },
+                None => body.frame().await,
             };
             let mut data = match frame {
                 None => break,
@@ -313,41 +344,36 @@ impl ByteStreamService {
             };
             while let Some(event) = decoder.next(&mut data).map_err(decode_status)? {
                 match event {
-                    Event::Data(mut piece) => {
+                    Event::Data(piece) => {
                         received += piece.len() as u64;
                         if started.is_none() && !decoder.resource_name().is_empty() {
                             started = Some(self.start(decoder.resource_name(), received).await?);
                         }
-                        if let Some(upload) = &started {
-                            check_overrun(&upload.digest, received)?;
-                        }
-                        while !piece.is_empty() {
-                            let buf =
-                                match &mut filling {
-                                    Some(buf) => buf,
-                                    None => filling.insert(self.buffers.take().await.ok_or_else(
-                                        || Status::resource_exhausted("out of memory for uploads"),
-                                    )?),
-                                };
-                            let n = buf.push(&piece);
-                            let _ = piece.split_to(n);
-                            if buf.is_full() {
-                                let Some(upload) = &mut started else {
-                                    return Err(Status::invalid_argument(
-                                        "the first WriteRequest must name its resource before \
-                                         sending more than 1 MiB of data",
-                                    ));
-                                };
-                                upload.store(filling.take().expect("just filled")).await?;
+                        match &mut started {
+                            Some(upload) => {
+                                check_overrun(&upload.digest, received)?;
+                                upload.accept(&piece).await?;
                             }
+                            None if unnamed.len() + piece.len() > MAX_MESSAGE_BYTES => {
+                                return Err(Status::out_of_range(format!(
+                                    "the first WriteRequest carries more than {MAX_MESSAGE_BYTES} \
+                                     bytes of data before its resource_name"
+                                )));
+                            }
+                            None => unnamed.extend_from_slice(&piece),
                         }
                     }
                     Event::End(header) => {
                         messages += 1;
-                        if started.is_none() {
-                            started = Some(self.start(&header.resource_name, received).await?);
-                        }
-                        let upload = started.as_mut().expect("started above");
+                        let upload = match &mut started {
+                            Some(upload) => upload,
+                            None => {
+                                let mut upload =
+                                    self.start(&header.resource_name, received).await?;
+                                upload.accept(&std::mem::take(&mut unnamed)).await?;
+                                started.insert(upload)
+                            }
+                        };
                         if !header.resource_name.is_empty()
                             && header.resource_name != upload.resource
                         {
@@ -365,9 +391,7 @@ impl ByteStreamService {
                         message_start = received;
                         upload.progress.progress(received);
                         if header.finish_write {
-                            if let Some(last) = filling.take().filter(|f| !f.is_empty()) {
-                                upload.store(last).await?;
-                            }
+                            upload.flush().await?;
                             return started.take().expect("started above").commit().await;
                         }
                     }
@@ -413,6 +437,8 @@ impl ByteStreamService {
             resource: resource.to_owned(),
             digest,
             progress,
+            buffers: self.buffers.clone(),
+            filling: None,
             chunks,
             storing,
         })

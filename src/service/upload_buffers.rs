@@ -48,6 +48,7 @@ impl UploadBuffers {
                 _permit: permit,
             },
             len: 0,
+            taken: std::time::Instant::now(),
         })
     }
 
@@ -82,6 +83,7 @@ impl Drop for Slot {
 pub struct Filling {
     slot: Slot,
     len: usize,
+    taken: std::time::Instant,
 }
 
 impl Filling {
@@ -92,6 +94,11 @@ impl Filling {
         buf.copy_in(self.len, &data[..n]);
         self.len += n;
         n
+    }
+
+    /// How long ago the buffer was taken from the set.
+    pub fn age(&self) -> std::time::Duration {
+        self.taken.elapsed()
     }
 
     pub fn is_empty(&self) -> bool {
