@@ -538,13 +538,13 @@ impl CasStore {
         };
         let mut remember = None;
         let verify = match &opened {
-            Some((f, id)) if offset == 0 && end == d.size() => {
+            Some((_, id)) if offset == 0 && end == d.size() => {
                 let key = key_of(d.hash());
                 if self.verified.contains(&key, *id) {
                     Verify::Skip
                 } else {
                     remember = Some((key, *id));
-                    Verify::start(f, d.size())
+                    Verify::start(d.size())
                 }
             }
             _ => Verify::Skip,
@@ -761,46 +761,47 @@ enum Verify {
     Skip,
     /// Small blobs: hashed as the chunks are read.
     Inline(Sha256),
-    /// Large blobs: a thread of its own reads the file a second time (from the page
-    /// cache) and hashes it, so that hashing does not slow the stream down. Stopped
-    /// early when the reader is dropped.
+    /// Large blobs: the pieces read are hashed on a thread of their own (they are
+    /// reference-counted, so handing them over copies nothing), so that hashing does not
+    /// slow the stream down. What is hashed is exactly what is sent.
     Thread {
-        result: std::thread::JoinHandle<io::Result<Option<String>>>,
-        cancel: Arc<AtomicBool>,
+        pieces: std::sync::mpsc::SyncSender<bytes::Bytes>,
+        result: std::thread::JoinHandle<Sha256>,
     },
 }
 
+/// Pieces queued for a verification thread.
+const VERIFY_QUEUE: usize = 4;
+
 impl Verify {
-    fn start(file: &File, size: u64) -> Verify {
+    fn start(size: u64) -> Verify {
         if size < HASH_THREAD_MIN {
             return Verify::Inline(Sha256::new());
         }
-        let Ok(file) = file.try_clone() else {
-            return Verify::Inline(Sha256::new());
-        };
-        let cancel = Arc::new(AtomicBool::new(false));
-        let stop = cancel.clone();
+        let (pieces, queued) = std::sync::mpsc::sync_channel::<bytes::Bytes>(VERIFY_QUEUE);
         let spawned = std::thread::Builder::new()
             .name("cas-verify".into())
             .stack_size(HELPER_STACK)
             .spawn(move || {
                 let mut h = Sha256::new();
-                let mut buf = vec![0u8; VERIFY_CHUNK.min(size) as usize];
-                let mut off = 0u64;
-                while off < size {
-                    if stop.load(Ordering::Relaxed) {
-                        return Ok(None);
-                    }
-                    let n = (size - off).min(buf.len() as u64) as usize;
-                    file.read_exact_at(&mut buf[..n], off)?;
-                    h.update(&buf[..n]);
-                    off += n as u64;
+                // Ends when the reader is done or dropped (the sender goes).
+                for piece in queued {
+                    h.update(&piece);
                 }
-                Ok(Some(hex::encode(h.finalize())))
+                h
             });
         match spawned {
-            Ok(result) => Verify::Thread { result, cancel },
+            Ok(result) => Verify::Thread { pieces, result },
             Err(_) => Verify::Inline(Sha256::new()),
+        }
+    }
+
+    fn update(&mut self, piece: &bytes::Bytes) {
+        match self {
+            Verify::Skip => {}
+            Verify::Inline(h) => h.update(piece),
+            // A thread that is gone is reported by `finish`.
+            Verify::Thread { pieces, .. } => drop(pieces.send(piece.clone())),
         }
     }
 
@@ -809,25 +810,16 @@ impl Verify {
         match self {
             Verify::Skip => Ok(None),
             Verify::Inline(h) => Ok(Some(hex::encode(h.finalize()))),
-            Verify::Thread { result, .. } => match result.join() {
-                Ok(Ok(hash)) => Ok(hash),
-                Ok(Err(e)) => Err(format!("reading for verification: {e}")),
-                Err(_) => Err("the verification thread panicked".into()),
-            },
+            Verify::Thread { pieces, result } => {
+                drop(pieces);
+                match result.join() {
+                    Ok(h) => Ok(Some(hex::encode(h.finalize()))),
+                    Err(_) => Err("the verification thread panicked".into()),
+                }
+            }
         }
     }
 }
-
-impl Drop for BlobReader {
-    fn drop(&mut self) {
-        if let Verify::Thread { cancel, .. } = &self.verify {
-            cancel.store(true, Ordering::Relaxed);
-        }
-    }
-}
-
-/// Read size of the verification thread (its buffer is reused).
-const VERIFY_CHUNK: u64 = 1 << 20;
 
 impl BlobReader {
     /// Bytes left to read.
@@ -861,9 +853,7 @@ impl BlobReader {
                 digest: self.digest.to_string(),
                 reason: format!("reading at offset {}: {e}", self.pos),
             })?;
-        if let Verify::Inline(h) = &mut self.verify {
-            h.update(&buf);
-        }
+        self.verify.update(&buf);
         self.pos += len as u64;
         if self.pos == self.end {
             self.check(store)?;
