@@ -341,6 +341,28 @@ fn stream_digest(id: u64, size: u64) -> reapi::Digest {
 }
 
 /// Digests of several generated streams, hashed on every core.
+/// Generated streams held in memory before a timed phase when they fit in
+/// [`PREGENERATED_LIMIT`]: generating data while sending (or checking) it cost the client
+/// about a fifth of a CPU-second per GiB on cores it shares with the server. Larger runs
+/// (e.g. 32 x 512 MiB) generate as they go.
+const PREGENERATED_LIMIT: u64 = 1 << 30;
+
+type Pregenerated = Option<Arc<Vec<Arc<Vec<u8>>>>>;
+
+async fn pregenerate(ids: &[u64], size: u64) -> Result<Pregenerated> {
+    if ids.len() as u64 * size > PREGENERATED_LIMIT {
+        return Ok(None);
+    }
+    let ids = ids.to_vec();
+    let blobs = tokio::task::spawn_blocking(move || {
+        ids.iter()
+            .map(|&id| Arc::new(generate(id, size as usize)))
+            .collect::<Vec<_>>()
+    })
+    .await?;
+    Ok(Some(Arc::new(blobs)))
+}
+
 async fn stream_digests(ids: Vec<u64>, size: u64) -> Result<Vec<reapi::Digest>> {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let ids = Arc::new(ids);
@@ -597,6 +619,8 @@ impl Measured {
 struct Conn {
     cas: CasClient,
     bs: BsClient,
+    /// For ByteStream.Read with [`ReadResponseBytes`].
+    reads: tonic::client::Grpc<Channel>,
     caps: CapsClient,
     fetch: FetchClient,
     push: PushClient,
@@ -646,6 +670,7 @@ async fn connect(opts: &Opts) -> Result<Conn> {
         bs: BsClient::new(ch.clone())
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE),
+        reads: tonic::client::Grpc::new(ch.clone()).max_decoding_message_size(MAX_MESSAGE),
         caps: CapsClient::new(ch.clone()).max_decoding_message_size(MAX_MESSAGE),
         fetch: FetchClient::new(ch.clone()).max_decoding_message_size(MAX_MESSAGE),
         push: PushClient::new(ch).max_encoding_message_size(MAX_MESSAGE),
@@ -713,6 +738,7 @@ async fn write_generated(
     id: u64,
     d: &reapi::Digest,
     chunk: u64,
+    pre: Option<Arc<Vec<u8>>>,
 ) -> Result<()> {
     let size = d.size_bytes as u64;
     let name = format!(
@@ -726,8 +752,14 @@ async fn write_generated(
         let mut off = 0u64;
         loop {
             let n = (size - off).min(chunk) as usize;
-            let mut data = vec![0u8; n];
-            fill(id, off, &mut data);
+            let data = match &pre {
+                Some(pre) => pre[off as usize..off as usize + n].to_vec(),
+                None => {
+                    let mut data = vec![0u8; n];
+                    fill(id, off, &mut data);
+                    data
+                }
+            };
             let finish = off + n as u64 == size;
             let msg = bs::WriteRequest {
                 resource_name: if off == 0 {
@@ -805,19 +837,34 @@ async fn write_bytes(bs: &mut BsClient, prefix: &str, data: &[u8], chunk: usize)
 
 /// Reads a blob with ByteStream.Read, handing each piece to `check(offset, data)`.
 /// Returns the number of bytes received, which must equal the digest's size.
+/// A ReadResponse whose data is decoded as `Bytes`, sharing the receive buffer instead
+/// of being copied into a new `Vec` (prost's `bytes` mapping), as a lean client reads.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ReadResponseBytes {
+    #[prost(bytes = "bytes", tag = "10")]
+    data: bytes::Bytes,
+}
+
 async fn read_stream(
-    bs: &mut BsClient,
+    reads: &mut tonic::client::Grpc<Channel>,
     prefix: &str,
     d: &reapi::Digest,
     mut check: impl FnMut(u64, &[u8]) -> Result<()>,
 ) -> Result<u64> {
     let name = format!("{prefix}blobs/{}/{}", d.hash, d.size_bytes);
-    let mut stream = bs
-        .read(bs::ReadRequest {
-            resource_name: name.clone(),
-            read_offset: 0,
-            read_limit: 0,
-        })
+    reads
+        .ready()
+        .await
+        .map_err(|e| anyhow!("ByteStream.Read {name}: connection not ready: {e}"))?;
+    let request = tonic::Request::new(bs::ReadRequest {
+        resource_name: name.clone(),
+        read_offset: 0,
+        read_limit: 0,
+    });
+    let codec = tonic_prost::ProstCodec::<bs::ReadRequest, ReadResponseBytes>::default();
+    let path = http::uri::PathAndQuery::from_static("/google.bytestream.ByteStream/Read");
+    let mut stream = reads
+        .server_streaming(request, path, codec)
         .await
         .with_context(|| format!("ByteStream.Read {name}"))?
         .into_inner();
@@ -1014,19 +1061,22 @@ async fn bytestream_upload(ctx: &Ctx) -> Result<Json> {
         o.blob_size
     ));
     let digests = Arc::new(stream_digests(ids.clone(), o.blob_size).await?);
+    let pre = pregenerate(&ids, o.blob_size).await?;
     let ids = Arc::new(ids);
     let m = Measure::start(&o.server_pid);
     let prefix = ctx.prefix();
     let (rounds, chunk) = (o.rounds, o.chunk);
     let per_blob = run_workers(o.concurrency, |w| {
         let (ids, digests, prefix) = (ids.clone(), digests.clone(), prefix.clone());
+        let pre = pre.clone();
         let mut bs = ctx.conns[w].bs.clone();
         async move {
             let mut times = Vec::new();
             for r in 0..rounds {
                 let i = w * rounds + r;
                 let t = Instant::now();
-                write_generated(&mut bs, &prefix, ids[i], &digests[i], chunk).await?;
+                let blob = pre.as_ref().map(|p| p[i].clone());
+                write_generated(&mut bs, &prefix, ids[i], &digests[i], chunk, blob).await?;
                 times.push(t.elapsed().as_secs_f64());
             }
             Ok(times)
@@ -1067,6 +1117,7 @@ async fn bytestream_download(ctx: &Ctx) -> Result<Json> {
         .map(|i| stream_id(ctx.seed, KIND_BIG, 1_000_000 + i))
         .collect();
     let digests = Arc::new(stream_digests(ids.clone(), o.blob_size).await?);
+    let pre = pregenerate(&ids, o.blob_size).await?;
     let ids = Arc::new(ids);
     log(format!(
         "setup: uploading {} blobs of {} bytes",
@@ -1076,22 +1127,30 @@ async fn bytestream_download(ctx: &Ctx) -> Result<Json> {
     let chunk = o.chunk;
     run_workers(o.concurrency, |w| {
         let (ids, digests, prefix) = (ids.clone(), digests.clone(), prefix.clone());
+        let blob = pre.as_ref().map(|p| p[w].clone());
         let mut bs = ctx.conns[w].bs.clone();
-        async move { write_generated(&mut bs, &prefix, ids[w], &digests[w], chunk).await }
+        async move { write_generated(&mut bs, &prefix, ids[w], &digests[w], chunk, blob).await }
     })
     .await?;
     let m = Measure::start(&o.server_pid);
     let rounds = o.rounds;
     run_workers(o.concurrency, |w| {
         let (ids, digests, prefix) = (ids.clone(), digests.clone(), prefix.clone());
-        let mut bs = ctx.conns[w].bs.clone();
+        let blob = pre.as_ref().map(|p| p[w].clone());
+        let mut reads = ctx.conns[w].reads.clone();
         async move {
             let mut scratch = Vec::new();
             for _ in 0..rounds {
-                read_stream(&mut bs, &prefix, &digests[w], |off, data| {
-                    scratch.resize(data.len(), 0);
-                    fill(ids[w], off, &mut scratch);
-                    ensure!(scratch == data, "downloaded bytes differ at offset {off}");
+                read_stream(&mut reads, &prefix, &digests[w], |off, data| {
+                    let expected = match &blob {
+                        Some(blob) => &blob[off as usize..off as usize + data.len()],
+                        None => {
+                            scratch.resize(data.len(), 0);
+                            fill(ids[w], off, &mut scratch);
+                            &scratch[..]
+                        }
+                    };
+                    ensure!(expected == data, "downloaded bytes differ at offset {off}");
                     Ok(())
                 })
                 .await?;
@@ -1616,7 +1675,7 @@ async fn pull_artifact(
         .ok_or_else(|| anyhow!("the Artifact has no files tree"))?;
     // The root Directory by ByteStream (casd's FetchTree does that even for tiny ones).
     let mut root_bytes = Vec::new();
-    bytes += read_stream(&mut conn.bs, prefix, &root, |_, data| {
+    bytes += read_stream(&mut conn.reads, prefix, &root, |_, data| {
         root_bytes.extend_from_slice(data);
         Ok(())
     })
@@ -1671,7 +1730,7 @@ async fn pull_artifact(
     }
     for d in big {
         let want = &a.blobs[&d.hash];
-        bytes += read_stream(&mut conn.bs, prefix, &d, |off, data| {
+        bytes += read_stream(&mut conn.reads, prefix, &d, |off, data| {
             ensure!(
                 want[off as usize..off as usize + data.len()] == *data,
                 "blob {} differs at offset {off}",
