@@ -541,13 +541,13 @@ impl CasStore {
             Some((_, id)) if offset == 0 && end == d.size() => {
                 let key = key_of(d.hash());
                 if self.verified.contains(&key, *id) {
-                    Verify::Skip
+                    None
                 } else {
                     remember = Some((key, *id));
-                    Verify::start(d.size())
+                    Some(Hashing::for_size(d.size()))
                 }
             }
-            _ => Verify::Skip,
+            _ => None,
         };
         let file = opened.map(|(f, _)| f);
         Ok(Some(BlobReader {
@@ -606,11 +606,7 @@ impl CasStore {
                 reservation,
             })
         };
-        let hasher = if digest.size() >= HASH_THREAD_MIN {
-            Hashing::on_thread()
-        } else {
-            Hashing::Inline(Sha256::new())
-        };
+        let hasher = Hashing::for_size(digest.size());
         Ok(BlobWriter {
             digest,
             final_path,
@@ -749,76 +745,15 @@ pub struct BlobReader {
     file: Option<File>,
     pos: u64,
     end: u64,
-    verify: Verify,
+    /// How a whole-blob read checks the content against the digest: hashed as it is
+    /// read, like an upload (on a thread of its own for large blobs, so that hashing does
+    /// not slow the stream down; the pieces are reference-counted, so handing them over
+    /// copies nothing). What is hashed is exactly what is sent. None for a partial read,
+    /// which has nothing to compare with.
+    verify: Option<Hashing>,
     /// Where to record a successful check of the object.
     remember: Option<(super::existence::Key, FileId)>,
     buffers: ReadBuffers,
-}
-
-/// How a whole-blob read checks the content against the digest.
-enum Verify {
-    /// A partial read: nothing to compare with.
-    Skip,
-    /// Small blobs: hashed as the chunks are read.
-    Inline(Sha256),
-    /// Large blobs: the pieces read are hashed on a thread of their own (they are
-    /// reference-counted, so handing them over copies nothing), so that hashing does not
-    /// slow the stream down. What is hashed is exactly what is sent.
-    Thread {
-        pieces: std::sync::mpsc::SyncSender<bytes::Bytes>,
-        result: std::thread::JoinHandle<Sha256>,
-    },
-}
-
-/// Pieces queued for a verification thread.
-const VERIFY_QUEUE: usize = 4;
-
-impl Verify {
-    fn start(size: u64) -> Verify {
-        if size < HASH_THREAD_MIN {
-            return Verify::Inline(Sha256::new());
-        }
-        let (pieces, queued) = std::sync::mpsc::sync_channel::<bytes::Bytes>(VERIFY_QUEUE);
-        let spawned = std::thread::Builder::new()
-            .name("cas-verify".into())
-            .stack_size(HELPER_STACK)
-            .spawn(move || {
-                let mut h = Sha256::new();
-                // Ends when the reader is done or dropped (the sender goes).
-                for piece in queued {
-                    h.update(&piece);
-                }
-                h
-            });
-        match spawned {
-            Ok(result) => Verify::Thread { pieces, result },
-            Err(_) => Verify::Inline(Sha256::new()),
-        }
-    }
-
-    fn update(&mut self, piece: &bytes::Bytes) {
-        match self {
-            Verify::Skip => {}
-            Verify::Inline(h) => h.update(piece),
-            // A thread that is gone is reported by `finish`.
-            Verify::Thread { pieces, .. } => drop(pieces.send(piece.clone())),
-        }
-    }
-
-    /// The content's hash, once all of it has been read; `None` when not verifying.
-    fn finish(self) -> Result<Option<String>, String> {
-        match self {
-            Verify::Skip => Ok(None),
-            Verify::Inline(h) => Ok(Some(hex::encode(h.finalize()))),
-            Verify::Thread { pieces, result } => {
-                drop(pieces);
-                match result.join() {
-                    Ok(h) => Ok(Some(hex::encode(h.finalize()))),
-                    Err(_) => Err("the verification thread panicked".into()),
-                }
-            }
-        }
-    }
 }
 
 impl BlobReader {
@@ -853,7 +788,9 @@ impl BlobReader {
                 digest: self.digest.to_string(),
                 reason: format!("reading at offset {}: {e}", self.pos),
             })?;
-        self.verify.update(&buf);
+        if let Some(hashing) = &mut self.verify {
+            hashing.update(buf.clone());
+        }
         self.pos += len as u64;
         if self.pos == self.end {
             self.check(store)?;
@@ -863,13 +800,12 @@ impl BlobReader {
 
     /// Completes a whole-blob verification (once; later calls pass).
     fn check(&mut self, store: &CasStore) -> Result<(), CasError> {
-        let verify = std::mem::replace(&mut self.verify, Verify::Skip);
-        let problem = match verify.finish() {
-            Ok(Some(actual)) if actual != self.digest.hash() => {
+        let problem = match self.verify.take().map(Hashing::finish) {
+            Some(Ok(actual)) if actual != self.digest.hash() => {
                 Some(format!("content hashes to {actual}"))
             }
-            Ok(_) => None,
-            Err(reason) => Some(reason),
+            Some(Err(e)) => Some(e.to_string()),
+            _ => None,
         };
         match problem {
             None => {
@@ -937,12 +873,13 @@ impl ReadBuffers {
     }
 }
 
-/// Blobs from this size on are hashed on a thread of their own while the upload is
-/// written, so that one stream is not limited by hashing plus writing on one core.
+/// Blobs from this size on are hashed on a thread of their own while they are written
+/// (uploads) or sent (verified reads), so that one stream is not limited by hashing plus
+/// I/O on one core.
 pub const HASH_THREAD_MIN: u64 = 4 << 20;
 
-/// Stack of the per-upload hashing and verification threads: they only run SHA-256 and
-/// a read loop, and with one per upload the default 2 MiB would add up.
+/// Stack of the per-stream hashing threads: they only run SHA-256 over what they are
+/// handed, and with one per stream the default 2 MiB would add up.
 const HELPER_STACK: usize = 128 << 10;
 
 /// Chunks queued for an upload's hashing thread: a little slack lets the writer run
@@ -958,6 +895,15 @@ enum Hashing {
 }
 
 impl Hashing {
+    /// Blobs of [`HASH_THREAD_MIN`] and more are hashed on a thread of their own.
+    fn for_size(size: u64) -> Self {
+        if size >= HASH_THREAD_MIN {
+            Hashing::on_thread()
+        } else {
+            Hashing::Inline(Sha256::new())
+        }
+    }
+
     fn on_thread() -> Self {
         let (chunks, rx) = std::sync::mpsc::sync_channel(HASH_QUEUE);
         let spawned = std::thread::Builder::new()
@@ -994,10 +940,7 @@ impl Hashing {
             Hashing::Thread { chunks, result } => {
                 drop(chunks);
                 result.join().map_err(|_| {
-                    CasError::io(
-                        "hashing an upload",
-                        io::Error::other("hash thread panicked"),
-                    )
+                    CasError::io("hashing a blob", io::Error::other("hash thread panicked"))
                 })?
             }
         };
