@@ -460,13 +460,7 @@ async fn query_write_status() {
     assert_code(qws("garbage".into()).await, Code::InvalidArgument);
 
     // While an upload is under way its progress is visible under its name.
-    let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
-    let mut client = bytestream(&ch);
-    let upload = tokio::spawn(async move {
-        client
-            .write(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-    });
+    let (tx, upload) = open_write(&ch);
     let mut msgs = write_requests(&name, &blob, 1 << 20).into_iter();
     tx.send(msgs.next().unwrap()).await.unwrap();
     let deadline = std::time::Instant::now() + common::TIMEOUT;
@@ -506,13 +500,7 @@ async fn an_abandoned_upload_leaves_nothing_behind() {
     let blob = pseudo_random(1000, 3 << 20);
     let d = digest(&blob);
     let name = upload_name("", &d);
-    let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
-    let mut client = bytestream(&ch);
-    let upload = tokio::spawn(async move {
-        client
-            .write(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-    });
+    let (tx, upload) = open_write(&ch);
     tx.send(write_requests(&name, &blob, 1 << 20).remove(0))
         .await
         .unwrap();
@@ -648,16 +636,10 @@ async fn many_concurrent_uploads_beside_stalled_ones_all_complete() {
         let ch = server.channel().await;
         let blob = pseudo_random(1300 + i, 6 << 20);
         let name = upload_name("", &digest(&blob));
-        let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
+        let (tx, call) = open_write(&ch);
         tx.send(write_requests(&name, &blob, CASD_CHUNK).remove(0))
             .await
             .unwrap();
-        let mut client = bytestream(&ch);
-        let call = tokio::spawn(async move {
-            client
-                .write(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-        });
         stalled.push((tx, call));
     }
     // Busy uploads: together far more than the budget, each several chunks.
@@ -698,13 +680,7 @@ async fn trickling_clients_do_not_starve_busy_uploads() {
         let name = upload_name("", &digest(&blob));
         let stop = stop.clone();
         tricklers.push(tokio::spawn(async move {
-            let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
-            let mut client = bytestream(&ch);
-            let call = tokio::spawn(async move {
-                client
-                    .write(tokio_stream::wrappers::ReceiverStream::new(rx))
-                    .await
-            });
+            let (tx, call) = open_write(&ch);
             let mut off = 0usize;
             // One byte every 10 ms (bounded: the blob's size less the last message).
             while !stop.load(std::sync::atomic::Ordering::Relaxed) && off < blob.len() - 1 {

@@ -4,7 +4,7 @@
 mod common;
 
 use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
-use bazel_remote_apis::google::bytestream::{QueryWriteStatusRequest, WriteRequest};
+use bazel_remote_apis::google::bytestream::QueryWriteStatusRequest;
 use common::asset::*;
 use common::grpc::*;
 use common::{Server, BIN};
@@ -403,13 +403,7 @@ async fn everything_survives_sigkill_and_restart() {
         content.push(&ch).await;
         // An upload cut off by the kill: its temporary file must not become a blob,
         // nor linger after the restart.
-        let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
-        let mut client = bytestream(&ch);
-        let upload = tokio::spawn(async move {
-            client
-                .write(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-        });
+        let (tx, upload) = open_write(&ch);
         let first_chunk = write_requests(&partial_name, &partial, 1 << 20).remove(0);
         tx.send(first_chunk).await.unwrap();
         let deadline = Instant::now() + common::TIMEOUT;
@@ -464,13 +458,7 @@ async fn sigterm_does_not_wait_forever_for_a_stalled_upload() {
     let ch = server.channel().await;
     let blob = pseudo_random(300, 2 << 20);
     let name = upload_name("", &digest(&blob));
-    let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
-    let mut client = bytestream(&ch);
-    let upload = tokio::spawn(async move {
-        client
-            .write(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-    });
+    let (tx, upload) = open_write(&ch);
     tx.send(write_requests(&name, &blob, 1 << 20).remove(0))
         .await
         .unwrap();

@@ -280,6 +280,23 @@ pub mod grpc {
         crate::big!(ContentAddressableStorageClient::new(ch.clone()))
     }
 
+    /// A Write call whose messages the test sends one by one, when it chooses.
+    pub fn open_write(
+        ch: &Channel,
+    ) -> (
+        tokio::sync::mpsc::Sender<WriteRequest>,
+        tokio::task::JoinHandle<Result<tonic::Response<WriteResponse>, Status>>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel::<WriteRequest>(4);
+        let mut client = bytestream(ch);
+        let call = tokio::spawn(async move {
+            client
+                .write(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        (tx, call)
+    }
+
     pub async fn write_msgs(
         ch: &Channel,
         msgs: Vec<WriteRequest>,
