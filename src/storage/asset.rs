@@ -195,7 +195,7 @@ impl AssetStore {
         };
         match decode_entry(kind, &bytes) {
             Ok(entry) => {
-                super::cas::touch(&path);
+                super::objects_dir::touch_path(&path);
                 Ok(Some(entry))
             }
             Err(reason) => {

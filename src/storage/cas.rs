@@ -20,6 +20,7 @@ use super::digest::Digest;
 use super::direct::OutputFile;
 use super::existence::{key_of, DirStamp, ExistenceCache};
 use super::lru;
+use super::objects_dir::{touch_file, ObjectsDir};
 use super::usage::SharedCounter;
 use super::verified::{file_id, FileId, VerifiedSet};
 use sha2::{Digest as _, Sha256};
@@ -103,6 +104,8 @@ impl QuotaPolicy {
 
 pub struct CasStore {
     objects: PathBuf,
+    /// `objects`, held open for lookups.
+    dir: ObjectsDir,
     tmp: PathBuf,
     quarantine: PathBuf,
     lock_path: PathBuf,
@@ -148,6 +151,7 @@ impl CasStore {
         let store = CasStore {
             quarantine: cas.join("quarantine"),
             lock_path: cas.join("evict.lock"),
+            dir: ObjectsDir::open(&objects),
             objects,
             tmp,
             policy,
@@ -427,11 +431,10 @@ impl CasStore {
         if d.is_empty_blob() {
             return true;
         }
-        let path = self.path_of(d);
-        match fs::metadata(&path) {
-            Ok(m) if m.len() == d.size() => {
+        match self.dir.stat(d) {
+            Ok(st) if st.st_size as u64 == d.size() && is_regular(&st) => {
                 if self.refresh_lru {
-                    touch(&path);
+                    self.dir.touch(d);
                 }
                 true
             }
@@ -474,17 +477,16 @@ impl CasStore {
     /// Opens a present blob for reading, refreshing its LRU stamp; with the identity of
     /// the file opened (for [`VerifiedSet`]).
     fn open_blob(&self, d: &Digest) -> Result<Option<(File, FileId)>, CasError> {
-        let path = self.path_of(d);
-        match File::open(&path) {
+        match self.dir.open_read(d) {
             Ok(f) => {
                 let meta = f
                     .metadata()
                     .map_err(|e| CasError::io(format!("reading metadata of {d}"), e))?;
-                if meta.len() != d.size() {
+                if meta.len() != d.size() || !meta.is_file() {
                     return Ok(None);
                 }
                 if self.refresh_lru {
-                    touch(&path);
+                    touch_file(&f);
                 }
                 Ok(Some((f, file_id(&meta))))
             }
@@ -1172,28 +1174,9 @@ pub(crate) fn rename_into_place(from: &Path, to: &Path) -> io::Result<()> {
     }
 }
 
-/// Sets mtime (the LRU stamp, as casd uses it) to now. Failure is harmless: the blob is
-/// still served, it only ages as if it had not been used.
-pub(crate) fn touch(path: &Path) {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return;
-    };
-    let times = [
-        libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
-        },
-        libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_NOW,
-        },
-    ];
-    // SAFETY: `c` is a valid NUL-terminated path and `times` has the two entries
-    // utimensat requires.
-    unsafe {
-        libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0);
-    }
+/// Whether `st` describes a regular file (not a directory or symlink planted in the store).
+fn is_regular(st: &libc::stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFREG
 }
 
 fn process_alive(pid: i32) -> bool {

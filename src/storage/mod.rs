@@ -7,6 +7,7 @@ pub mod digest;
 pub mod direct;
 pub mod existence;
 pub mod lru;
+pub mod objects_dir;
 pub mod tree;
 pub mod usage;
 pub mod verified;
