@@ -88,6 +88,7 @@ declare -A CASE_ARGS=(
     [upload-4]="--scenario bytestream-upload --concurrency 4 --blob-size $BLOB --rounds 1"
     [download-4]="--scenario bytestream-download --concurrency 4 --blob-size $BLOB --rounds 1"
     [batch-update-8]="--scenario batch-update --concurrency 8 --count $COUNT --small-size 4K"
+    [batch-update-8-stored]="--scenario batch-update --concurrency 8 --count $COUNT --small-size 4K --already-stored"
     [batch-read-8]="--scenario batch-read --concurrency 8 --count $COUNT --small-size 4K"
     [find-missing-4]="--scenario find-missing --concurrency 4 --requests $REQS --digests-per-request 10000"
     [find-missing-1]="--scenario find-missing --concurrency 1 --requests $REQS --digests-per-request 10000"
@@ -95,7 +96,7 @@ declare -A CASE_ARGS=(
     [artifact-1]="--scenario artifact --concurrency 1 --files $FILES"
     [artifact-4]="--scenario artifact --concurrency 4 --files $FILES"
 )
-ALL_CASES=(upload-1 download-1 upload-4 download-4 batch-update-8 batch-read-8 find-missing-1
+ALL_CASES=(upload-1 download-1 upload-4 download-4 batch-update-8 batch-update-8-stored batch-read-8 find-missing-1
     find-missing-4 asset-8 artifact-1 artifact-4)
 if [ -n "$CASES_ARG" ]; then
     IFS=, read -r -a CASES <<<"$CASES_ARG"

@@ -155,6 +155,12 @@ def main(path):
                 if "ours" in v and "reference" in v else None)
     target("BatchUpdateBlobs 4 KiB x8 >= 20x the reference's blobs/s", bu, bu is not None and bu >= 20,
            f"{fmt(bu)}x")
+    ceiling = paired("batch-update-8-stored",
+                     lambda rep, v: v["ours"]["blobs_per_s"] / by["batch-update-8"][rep]["reference"]["blobs_per_s"]
+                     if "ours" in v and "reference" in by.get("batch-update-8", {}).get(rep, {}) else None)
+    if ceiling is not None:
+        print(f"      (ceiling: the same upload of blobs ours already stores, so no file is created,"
+              f" is {fmt(ceiling)}x the reference's rate for new blobs)")
     up = paired("upload-1", lambda rep, v: v["ours"]["mb_per_s"] / sha[rep]
                 if "ours" in v and rep in sha else None)
     up_disk = paired("upload-1", lambda rep, v: v["ours"]["mb_per_s"] / disk[rep]

@@ -1042,11 +1042,11 @@ impl BlobWriter {
         let id = file.metadata().ok().map(|m| file_id(&m));
         // Whether this upload's file became the stored blob.
         let stored = (|| {
-            file.set_permissions(fs::Permissions::from_mode(0o444))
-                .map_err(|e| CasError::io("setting blob permissions", e))?;
             match &path {
                 None => link_into_place(file, &self.final_path, self.digest.size()),
                 Some(path) => {
+                    file.set_permissions(fs::Permissions::from_mode(0o444))
+                        .map_err(|e| CasError::io("setting blob permissions", e))?;
                     let existed = self.final_path.exists();
                     rename_into_place(path, &self.final_path).map(|()| !existed)
                 }
@@ -1099,12 +1099,15 @@ fn free_space(path: &Path) -> Option<u64> {
     filesystem_space(path).map(|(_, free)| free)
 }
 
-/// Opens a new file with no name in `dir`, for [`link_anonymous`].
+/// Opens a new file with no name in `dir`, for [`link_anonymous`]. It is born with the
+/// final read-only mode (the descriptor stays writable), which saves a `fchmod` per blob.
+/// The process umask applies (0444 under the usual 022; a umask without read bits for
+/// group and others leaves objects readable by the server's own user only).
 fn open_anonymous(dir: &Path) -> io::Result<File> {
     OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_TMPFILE)
-        .mode(0o600)
+        .mode(0o444)
         .open(dir)
 }
 
