@@ -1177,7 +1177,7 @@ pub(crate) fn rename_into_place(from: &Path, to: &Path) -> io::Result<()> {
     }
 }
 
-/// Whether `st` describes a regular file (not a directory or symlink planted in the store).
+/// Whether `st` describes a regular file (not a directory or other special file).
 fn is_regular(st: &libc::stat) -> bool {
     st.st_mode & libc::S_IFMT == libc::S_IFREG
 }

@@ -125,21 +125,19 @@ impl ObjectsDir {
                 None => -1,
             }
         };
-        let fresh = {
+        {
             let mut guard = self.fd.write().unwrap_or_else(|e| e.into_inner());
-            // Another thread may have reopened it meanwhile.
-            let current = guard.as_ref().map_or(-1, |fd| fd.as_raw_fd());
-            if current == stale {
+            // Unless another thread reopened it meanwhile.
+            if guard.as_ref().map_or(-1, |fd| fd.as_raw_fd()) == stale {
                 *guard = open_dir(&self.path).ok();
             }
-            guard.as_ref().map(|fd| fd.as_raw_fd())
-        };
-        // A descriptor is only ever closed by replacing it under the write lock, so
-        // take the read lock again to use it.
+        }
+        // A descriptor is only closed by replacing it under the write lock: use the
+        // current one under the read lock.
         let guard = self.fd.read().unwrap_or_else(|e| e.into_inner());
-        match (fresh, guard.as_ref()) {
-            (Some(_), Some(fd)) => op(fd.as_raw_fd()),
-            _ => Err(io::Error::from(io::ErrorKind::NotFound)),
+        match guard.as_ref() {
+            Some(fd) => op(fd.as_raw_fd()),
+            None => Err(io::Error::from(io::ErrorKind::NotFound)),
         }
     }
 }
