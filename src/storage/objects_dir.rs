@@ -243,29 +243,51 @@ mod tests {
         assert_eq!(dir.open_read(&b).unwrap().metadata().unwrap().len(), 2);
     }
 
+    /// A stored object `data` whose file is returned opened for writing times.
+    fn stored(objects: &Path, data: &[u8]) -> (Digest, PathBuf, File) {
+        let d = digest_of(data);
+        store(objects, &d, data);
+        let path = objects.join(&d.hash()[..2]).join(&d.hash()[2..]);
+        let f = File::options().write(true).open(&path).unwrap();
+        (d, path, f)
+    }
+
+    const OLD: u64 = 1_000_000;
+
+    fn old() -> std::time::SystemTime {
+        std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(OLD)
+    }
+
     #[test]
     fn touch_moves_mtime_forward_and_leaves_atime() {
         let tmp = tempfile::tempdir().unwrap();
         let objects = tmp.path().join("objects");
-        let d = digest_of(b"x");
-        store(&objects, &d, b"x");
-        let path = objects.join(&d.hash()[..2]).join(&d.hash()[2..]);
-        let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
-        let f = File::options().write(true).open(&path).unwrap();
-        f.set_times(
-            std::fs::FileTimes::new()
-                .set_accessed(old)
-                .set_modified(old),
-        )
-        .unwrap();
+        let (d, path, f) = stored(&objects, b"x");
+        let times = std::fs::FileTimes::new().set_accessed(old());
+        f.set_times(times.set_modified(old())).unwrap();
         let dir = ObjectsDir::open(&objects);
         dir.touch(&d);
         let m = std::fs::metadata(&path).unwrap();
-        assert!(m.mtime() > 1_000_000, "mtime refreshed");
-        assert_eq!(m.atime(), 1_000_000, "atime left alone");
-        f.set_times(std::fs::FileTimes::new().set_modified(old))
+        assert!(m.mtime() > OLD as i64, "mtime refreshed");
+        assert_eq!(m.atime(), OLD as i64, "atime left alone");
+        f.set_times(std::fs::FileTimes::new().set_modified(old()))
             .unwrap();
         touch_file(&dir.open_read(&d).unwrap());
-        assert!(std::fs::metadata(&path).unwrap().mtime() > 1_000_000);
+        assert!(std::fs::metadata(&path).unwrap().mtime() > OLD as i64);
+    }
+
+    #[test]
+    fn reads_leave_atime_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let objects = tmp.path().join("objects");
+        let (d, path, f) = stored(&objects, b"y");
+        // atime older than mtime: under relatime a plain read would update it.
+        f.set_times(std::fs::FileTimes::new().set_accessed(old()))
+            .unwrap();
+        let dir = ObjectsDir::open(&objects);
+        let mut s = String::new();
+        io::Read::read_to_string(&mut dir.open_read(&d).unwrap(), &mut s).unwrap();
+        assert_eq!(s, "y");
+        assert_eq!(std::fs::metadata(&path).unwrap().atime(), OLD as i64);
     }
 }
