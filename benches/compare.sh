@@ -413,7 +413,8 @@ PY
         shift
         mkdir -p "$dir/cache" "$dir/sources" "$dir/logs" "$dir/xdg"
         {
-            printf 'cachedir: %s\nsourcedir: %s\nlogdir: %s\nartifacts:\n  servers:\n' \
+            # reserved-disk-space: see tests/bst_harness (bst's 5% default hangs on a full disk).
+            printf 'cachedir: %s\nsourcedir: %s\nlogdir: %s\ncache:\n  reserved-disk-space: 256M\nartifacts:\n  servers:\n' \
                 "$dir/cache" "$dir/sources" "$dir/logs"
             for u in "$@"; do printf '  - url: %s\n    push: true\n' "$u"; done
         } >"$dir/buildstream.conf"

@@ -598,8 +598,11 @@ impl Client {
             fs::create_dir_all(d).unwrap();
         }
         let config = root.join("buildstream.conf");
+        // bst keeps 5% of the disk free by default, and its casd then cleans up in a
+        // loop (and the client hangs) on a machine whose disk is over 95% full, such
+        // as a shared one with a few build trees on it: the tests need only a little.
         let mut yaml = format!(
-            "cachedir: {}\nsourcedir: {}\nlogdir: {}\n",
+            "cachedir: {}\nsourcedir: {}\nlogdir: {}\ncache:\n  reserved-disk-space: 256M\n",
             cachedir.display(),
             sourcedir.display(),
             logdir.display()
