@@ -12,7 +12,8 @@
 #
 #   --quick       small sizes and one repetition (a smoke run of the whole script)
 #   --cases       comma-separated subset of the cases below (default: all)
-#   --servers     comma-separated subset of ours,reference,casd (default: all three)
+#   --servers     comma-separated subset of ours,reference,casd,before (default: the first
+#                 three; `before` is BENCH_BEFORE_BIN, for a before/after in one run)
 #   --no-big      skip the 32 x 1 GiB concurrent upload (needs ~40 GB free disk)
 #   --no-startup  skip the start-up/eviction measurement on a 1,000,000-object repository
 #   --no-bst      skip the real `bst artifact pull` comparison
@@ -20,6 +21,8 @@
 #
 # Environment:
 #   CARGO_TARGET_DIR        where cargo builds (default: <repo>/target)
+#   BENCH_BEFORE_BIN        the server binary measured as `before` (e.g. a release build of
+#                           the previous commit); required when --servers names `before`
 #   BENCH_REPEAT            repetitions; every repetition runs each case against every
 #                           server back to back, and ratios are taken within a repetition
 #                           (default 3)
@@ -163,10 +166,14 @@ for line in sys.stdin:
 # Copies, so that a rebuild by someone else mid-run cannot change what is measured.
 cp "$BIN" "$WORK/bst-artifact-server"; BIN=$WORK/bst-artifact-server
 cp "$LG" "$WORK/loadgen"; LG=$WORK/loadgen
+if [[ " ${SERVERS[*]} " == *" before "* ]]; then
+    [ -x "${BENCH_BEFORE_BIN:-}" ] || { echo "compare.sh: --servers names before, but BENCH_BEFORE_BIN is not an executable" >&2; exit 1; }
+    cp "$BENCH_BEFORE_BIN" "$WORK/bst-artifact-server-before"
+fi
 
 # --- BuildStream venv (as tests/run-all.sh) ----------------------------------------------
 need_venv=0
-for s in "${SERVERS[@]}"; do [ "$s" = ours ] || need_venv=1; done
+for s in "${SERVERS[@]}"; do [ "$s" = ours ] || [ "$s" = before ] || need_venv=1; done
 [ "$BST" = 1 ] && need_venv=1
 if [ $need_venv = 1 ]; then
     venv_version() { "$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("buildstream"))' 2>/dev/null || true; }
@@ -208,10 +215,11 @@ wait_listening() { # PORT PID
 }
 
 start_ours() { # NAME REPO [extra serve args]
-    local name=$1 repo=$2 port pid
+    local name=$1 repo=$2 port pid bin=$BIN
     shift 2
+    [ "$name" = before ] && bin=$WORK/bst-artifact-server-before
     rm -f "$WORK/$name.port"
-    "$BIN" serve --bind 127.0.0.1 --port 0 --port-file "$WORK/$name.port" --enable-push \
+    "$bin" serve --bind 127.0.0.1 --port 0 --port-file "$WORK/$name.port" --enable-push \
         --quota 0 "$@" "$repo" >"$WORK/$name.log" 2>&1 &
     pid=$!
     PIDS[$name]=$pid
@@ -272,6 +280,7 @@ start_casd() { # REPO
 start_named() { # NAME [REPO-SUFFIX]
     case "$1" in
         ours) start_ours ours "$WORK/repo-ours${2:-}" ;;
+        before) start_ours before "$WORK/repo-before${2:-}" ;;
         reference) start_reference "$WORK/repo-reference${2:-}" ;;
         casd) start_casd "$WORK/repo-casd${2:-}" ;;
         *) echo "compare.sh: unknown server $1" >&2; return 1 ;;

@@ -15,6 +15,8 @@ import sys
 from collections import defaultdict
 
 SERVERS = ["ours", "reference", "casd"]
+# Present when compare.sh ran a `before` build too (BENCH_BEFORE_BIN).
+BEFORE = "before"
 
 # scenario -> [(field, description, higher_is_better)]
 METRICS = {
@@ -86,8 +88,12 @@ def main(path):
     print(f"  buffered write of new files: {fmt(med(disk.values()))} MB/s")
     print()
 
-    head = ["case", "metric", "ours", "reference", "casd", "ours/ref", "ours/casd",
-            "cpu/op ours/ref", "cpu/op ours/casd"]
+    servers = SERVERS + ([BEFORE] if any(BEFORE in v for reps in by.values()
+                                         for v in reps.values()) else [])
+    others = [s for s in servers if s != "ours"]
+    short = {"reference": "ref", "casd": "casd", BEFORE: "before"}
+    head = (["case", "metric"] + servers + [f"ours/{short[o]}" for o in others] +
+            [f"cpu/op ours/{short[o]}" for o in others])
     table = []
     for case in sorted(by):
         reps = by[case]
@@ -96,10 +102,10 @@ def main(path):
         if sc not in METRICS or case.startswith("tls") or case == "startup":
             continue
         for mi, (field, desc, higher) in enumerate(METRICS[sc]):
-            vals = {s: med(v[s].get(field) for v in reps.values() if s in v) for s in SERVERS}
+            vals = {s: med(v[s].get(field) for v in reps.values() if s in v) for s in servers}
             ratios = {}
             cpu_ratios = {}
-            for other in ("reference", "casd"):
+            for other in others:
                 rs, cs = [], []
                 for v in reps.values():
                     if "ours" in v and other in v:
@@ -112,9 +118,8 @@ def main(path):
                             cs.append(ca[mi] / cb[mi])
                 ratios[other] = med(rs)
                 cpu_ratios[other] = med(cs)
-            table.append([case, desc] + [fmt(vals[s]) for s in SERVERS] +
-                         [fmt(ratios["reference"]), fmt(ratios["casd"]),
-                          fmt(cpu_ratios["reference"]), fmt(cpu_ratios["casd"])])
+            table.append([case, desc] + [fmt(vals[s]) for s in servers] +
+                         [fmt(ratios[o]) for o in others] + [fmt(cpu_ratios[o]) for o in others])
     widths = [max(len(str(r[i])) for r in table + [head]) for i in range(len(head))]
     line = lambda r: "  ".join(str(c).rjust(w) if i > 1 else str(c).ljust(w)
                                for i, (c, w) in enumerate(zip(r, widths)))

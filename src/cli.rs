@@ -112,6 +112,18 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub reserve: Option<u64>,
 
+    /// Requests one client address may have in progress at once (streams included);
+    /// more wait for one of them to finish. Bounds what a single misbehaving client can
+    /// hold, e.g. streams it opens and never reads.
+    #[arg(long, value_name = "N", default_value_t = crate::client_limit::DEFAULT_PER_CLIENT,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_client_requests: u32,
+
+    /// Seconds a ByteStream stream may make no progress (no data from a writer, no data
+    /// taken by a reader) before the server abandons it.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    pub stream_idle_timeout: f64,
+
     /// Repository directory (created if missing). Uses buildbox-casd's layout, so a
     /// repository of the historical server is served in place.
     pub repo: PathBuf,

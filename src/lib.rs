@@ -1,14 +1,17 @@
 //! bst-artifact-server: an artifact and source cache for BuildStream and any Remote
 //! Execution API client. The binary is a thin wrapper around [`cli`] and [`server`].
 
+pub mod accept;
 pub mod admin;
 pub mod certs;
 pub mod cli;
+pub mod client_limit;
 pub mod healthcheck;
 pub mod logging;
 pub mod server;
 pub mod service;
 pub mod storage;
+pub mod sys;
 pub mod systemd;
 pub mod tls;
 pub mod units;

@@ -2,6 +2,7 @@
 //! runs until SIGTERM/SIGINT, then drains in-flight RPCs for a bounded time.
 
 use crate::cli::ServeArgs;
+use crate::client_limit::{ClientLimitLayer, ClientLimits};
 use crate::service::asset::AssetService;
 use crate::service::bytestream::{ByteStreamServer, ByteStreamService};
 use crate::service::capabilities::CapabilitiesService;
@@ -21,7 +22,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 /// How long in-flight RPCs may run after a stop signal before the process exits anyway.
@@ -38,6 +38,13 @@ const STREAM_WINDOW: u32 = 512 << 10;
 /// Largest HTTP/2 frame we accept: clients that honour it send an upload's data in a
 /// few large frames instead of many 16 KiB ones.
 const MAX_FRAME: u32 = 1 << 20;
+
+/// HTTP/2 streams one connection may have open at once; a client that wants more waits
+/// for its own streams to finish (its HTTP/2 library queues them).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
+/// How often memory the allocator no longer uses is handed back to the system.
+const RELEASE_MEMORY_EVERY: Duration = Duration::from_secs(5);
 
 /// Applies our message size limits to a generated tonic server type.
 macro_rules! limited {
@@ -61,6 +68,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let tls_watch = Duration::try_from_secs_f64(args.tls_watch_interval)
         .context("--tls-watch-interval must be a non-negative number of seconds")?;
+    let stream_idle_timeout = Duration::try_from_secs_f64(args.stream_idle_timeout)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .context("--stream-idle-timeout must be a positive number of seconds")?;
+    match crate::sys::raise_open_files_limit() {
+        Ok((before, after)) if before != after => {
+            tracing::debug!("raised the open files limit from {before} to {after}")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("could not raise the open files limit: {e}"),
+    }
     let repo = &args.repo;
     // Before the repository is opened, so that a slow start-up is not mistaken for a hang.
     let _watchdog = crate::systemd::spawn_watchdog();
@@ -70,6 +88,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServiceConfig {
         instances: Instances::new(args.instance_names.clone()),
         allow_push: args.enable_push,
+        stream_idle_timeout,
     };
     let assets = Arc::new(
         AssetStore::open(repo).with_context(|| format!("opening repository {}", repo.display()))?,
@@ -93,7 +112,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         cas: cas.clone(),
         config: config.clone(),
     };
+    let limits = ClientLimits::new(args.max_client_requests, crate::client_limit::QUEUE_WAIT);
     let mut router = Server::builder()
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .layer(ClientLimitLayer(limits))
         .initial_stream_window_size(Some(STREAM_WINDOW))
         .initial_connection_window_size(Some(16 << 20))
         .max_frame_size(Some(MAX_FRAME))
@@ -144,6 +166,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         write_port_file(path, local.port())?;
     }
     crate::systemd::notify_ready(&ready_status);
+    tokio::spawn(async {
+        let mut every = tokio::time::interval(RELEASE_MEMORY_EVERY);
+        loop {
+            every.tick().await;
+            // Off the executor: trimming a large heap takes a while.
+            let _ = tokio::task::spawn_blocking(crate::sys::release_free_memory).await;
+        }
+    });
     let mut stopped = stop_rx.clone();
     let shutdown = async move {
         let _ = stopped.wait_for(|s| *s).await;
@@ -152,10 +182,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Box<dyn std::future::Future<Output = Result<(), tonic::transport::Error>> + Send>,
     >;
     let server: Serving = match tls {
-        None => Box::pin(router.serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )),
+        None => Box::pin(
+            router.serve_with_incoming_shutdown(crate::accept::plain_incoming(listener), shutdown),
+        ),
         // We accept and do the handshakes ourselves (see crate::tls).
         Some(reloader) => {
             let mut accept_stop = stop_rx.clone();

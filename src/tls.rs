@@ -8,7 +8,8 @@
 //!   refuses them as end entities). See docs/adr/0002-client-certificate-verification.md.
 //! * Connections are accepted here, not by tonic: each TLS handshake runs in its own task
 //!   under a timeout, so a slow or broken client cannot hold up anyone else's accept, and
-//!   established streams are handed to tonic through [`incoming`].
+//!   established streams are handed to tonic through [`incoming`]. When too many
+//!   connections are waiting to handshake, the oldest is closed, never the newcomer.
 //! * The configuration lives behind a lock holding an `Arc<ServerConfig>` that every new
 //!   connection reads, so [`Reloader`] can swap in new keys or a new list of clients
 //!   (on SIGHUP or when the files change) without touching established connections.
@@ -37,8 +38,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the key, certificate and client-certificate files are checked for changes.
 pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Handshakes in progress at once; connections beyond this are closed at once, so a
-/// flood of idle connections cannot exhaust memory or file descriptors unboundedly.
+/// Connections waiting to complete their handshake at once; beyond this the oldest is
+/// closed (see [`PendingHandshakes`]), so a flood of idle connections can neither exhaust
+/// file descriptors nor keep a real client out.
 const MAX_PENDING_HANDSHAKES: usize = 1024;
 
 /// The TLS files named on the command line.
@@ -615,27 +617,16 @@ async fn accept_loop(
     tx: tokio::sync::mpsc::Sender<TlsConnection>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
+    let pending = Arc::new(PendingHandshakes::default());
+    let mut acceptor = crate::accept::Acceptor::new(listener);
     tokio::pin!(stop);
     loop {
         let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Typically EMFILE/ENFILE or a connection reset while queued: the
-                    // listener itself is fine, so pause briefly rather than spin or stop.
-                    tracing::warn!(error = %e, "accepting a connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            accepted = acceptor.accept() => accepted,
             _ = &mut stop => return,
             _ = tx.closed() => return,
         };
-        let Ok(permit) = pending.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "too many TLS handshakes in progress; closing the connection");
-            continue;
-        };
+        let (seq, mut evicted) = pending.add();
         let _ = tcp.set_nodelay(true);
         let info = TcpConnectInfo {
             local_addr: tcp.local_addr().ok(),
@@ -643,12 +634,20 @@ async fn accept_loop(
         };
         let config = reloader.current();
         let tx = tx.clone();
+        let pending = pending.clone();
         let span = tracing::info_span!("tls", %peer);
         tokio::spawn(
             async move {
                 let started = std::time::Instant::now();
-                let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(tcp, config)).await;
-                drop(permit);
+                let result = tokio::select! {
+                    result = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(tcp, config)) => Some(result),
+                    _ = &mut evicted => None,
+                };
+                pending.remove(seq);
+                let Some(result) = result else {
+                    tracing::debug!("closed: the oldest of {MAX_PENDING_HANDSHAKES} pending handshakes, to make room for a new connection");
+                    return;
+                };
                 match result {
                     Ok(Ok(stream)) => {
                         tracing::debug!(elapsed = ?started.elapsed(), "TLS handshake complete");
@@ -677,6 +676,63 @@ async fn accept_loop(
             }
             .instrument(span),
         );
+    }
+}
+
+/// Connections accepted but not yet through their handshake. When there are too many,
+/// the one that has waited longest is closed to make room: a client that speaks at once
+/// (every real one) is through in milliseconds, so a flood of silent or stalled
+/// connections only ever pushes out its own oldest members, never a newcomer.
+#[derive(Default)]
+struct PendingHandshakes {
+    inner: Mutex<PendingInner>,
+}
+
+#[derive(Default)]
+struct PendingInner {
+    next: u64,
+    waiting: std::collections::BTreeMap<u64, tokio::sync::oneshot::Sender<()>>,
+    /// Connections closed to make room since the last warning, and when that was.
+    evicted: u64,
+    warned: Option<std::time::Instant>,
+}
+
+/// At most one warning about closed pending connections per this interval.
+const EVICTION_WARNING_EVERY: Duration = Duration::from_secs(10);
+
+impl PendingHandshakes {
+    /// Registers a new connection; the receiver fires if it is closed to make room.
+    fn add(&self) -> (u64, tokio::sync::oneshot::Receiver<()>) {
+        let mut p = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        while p.waiting.len() >= MAX_PENDING_HANDSHAKES {
+            if let Some((_, oldest)) = p.waiting.pop_first() {
+                let _ = oldest.send(());
+                p.evicted += 1;
+            }
+        }
+        if p.evicted > 0
+            && p.warned
+                .is_none_or(|t| t.elapsed() >= EVICTION_WARNING_EVERY)
+        {
+            tracing::warn!(
+                "{} connection(s) closed before completing a TLS handshake, to make room: \
+                 more than {MAX_PENDING_HANDSHAKES} connections were waiting to handshake \
+                 (a flood of idle connections?)",
+                p.evicted
+            );
+            p.evicted = 0;
+            p.warned = Some(std::time::Instant::now());
+        }
+        let seq = p.next;
+        p.next += 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        p.waiting.insert(seq, tx);
+        (seq, rx)
+    }
+
+    fn remove(&self, seq: u64) {
+        let mut p = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        p.waiting.remove(&seq);
     }
 }
 

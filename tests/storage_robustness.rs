@@ -164,6 +164,42 @@ async fn a_filling_filesystem_evicts_to_keep_its_reserve() {
     assert!(tmp_is_empty(&repo));
 }
 
+/// Concurrent uploads that together need more than the free space: the space promised
+/// to uploads in progress counts against the reserve, so old blobs are evicted before
+/// the data is written instead of the writes running into ENOSPC.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_uploads_make_room_before_writing() {
+    let Some(fs) = SmallFs::mount("64m") else {
+        return;
+    };
+    let repo = fs.path().join("repo");
+    let server = Server::start(&repo, &["--enable-push"]);
+    let channel = server.channel().await;
+    // 50 MiB of old blobs.
+    let old: Vec<_> = (0..25).map(|i| blob(400 + i, 2 * MIB)).collect();
+    for b in &old {
+        assert_eq!(write(channel.clone(), b).await, Code::Ok);
+    }
+    let new: Vec<_> = (0..6).map(|i| blob(500 + i, 8 * MIB)).collect();
+    let uploads: Vec<_> = new
+        .iter()
+        .map(|b| {
+            let channel = channel.clone();
+            let b = b.clone();
+            tokio::spawn(async move { write(channel, &b).await })
+        })
+        .collect();
+    let mut codes = Vec::new();
+    for u in uploads {
+        codes.push(u.await.unwrap());
+    }
+    assert_eq!(codes, vec![Code::Ok; 6], "concurrent uploads failed");
+    for b in &new {
+        assert!(on_disk(&repo, &b.0));
+    }
+    assert!(tmp_is_empty(&repo));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_disk_is_resource_exhausted_and_recoverable() {
     let Some(fs) = SmallFs::mount("6m") else {

@@ -650,6 +650,64 @@ async fn plaintext_and_stalled_clients_do_not_hurt_the_server() {
         .unwrap();
 }
 
+/// Raises this process's soft limit on open files to its hard limit (the flood tests
+/// hold thousands of sockets); returns the new limit.
+fn raise_open_files_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_cur = lim.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+    }
+    lim.rlim_cur
+}
+
+/// 5,000 connections that never send a byte (more than the server's 1,024 pending
+/// handshakes) must not keep a real client out: the server closes the oldest silent
+/// ones to make room, never the newcomer.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_silent_connections_does_not_lock_clients_out() {
+    const FLOOD: usize = 5_000;
+    let limit = raise_open_files_limit();
+    assert!(
+        limit > FLOOD as u64 + 500,
+        "this test needs {} open files, the hard limit is {limit}",
+        FLOOD + 500
+    );
+    let pki = Pki::new();
+    let repo = tempfile::tempdir().unwrap();
+    let mut s = TlsServer::start(repo.path(), &pki.tls_args(true));
+    let port = s.port();
+    let mut silent = Vec::with_capacity(FLOOD);
+    for _ in 0..FLOOD {
+        silent.push(
+            tokio::time::timeout(TIMEOUT, tokio::net::TcpStream::connect(("127.0.0.1", port)))
+                .await
+                .expect("connecting in time")
+                .expect("connecting"),
+        );
+    }
+    // Let the server accept the whole flood before the real client comes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    pinned_call(port, &pki.server.cert, Some(&pki.alice))
+        .await
+        .expect("a real client got through the flood");
+    let elapsed = started.elapsed();
+    eprintln!("mTLS connect + first RPC beside {FLOOD} silent connections: {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(1),
+        "the flood delayed a real client: {elapsed:?}"
+    );
+    s.wait_log("closed before completing a TLS handshake, to make room", 0);
+    drop(silent);
+    s.assert_running();
+}
+
 /// Connect + full mutual-TLS handshake + one RPC, `runs` times after a warm-up; returns
 /// the sorted durations.
 async fn time_handshakes(port: u16, server_cert: &Path, client: &KeyPair) -> Vec<Duration> {

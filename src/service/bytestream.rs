@@ -9,13 +9,15 @@
 //! - `read_offset`/`read_limit` outside the blob: OUT_OF_RANGE.
 
 use super::grpc_http::{
-    bytes_message_prefix, check_encoding, status_response, status_trailers, streaming_response,
-    unary_request, unary_response, BodyFrame, HttpRequest, HttpResponse,
+    body_response, check_encoding, status_response, unary_request, unary_response, HttpRequest,
+    HttpResponse,
 };
+use super::read_body::ReadBody;
 use super::resource_name::{parse_read, parse_write};
 use super::upload_buffers::{Filling, UploadBuffers, BUFFERS};
 use super::write_decoder::{DecodeError, Event, WriteDecoder};
 use super::{blocking, cas_status, push_disabled, ServiceConfig, MAX_MESSAGE_BYTES};
+use crate::client_limit::ClientSlot;
 use crate::storage::cas::{BlobWriter, CasError, CasStore};
 use crate::storage::digest::Digest;
 use bazel_remote_apis::google::bytestream::{
@@ -29,15 +31,6 @@ use std::sync::{Arc, Mutex};
 use tonic::body::Body;
 use tonic::Status;
 
-/// Bytes per ReadResponse: within the 1-2 MiB that casd and Bazel expect.
-pub const READ_CHUNK: u64 = 1024 * 1024;
-
-/// Bytes per read from disk: a few such buffers, reused, stay in the CPU cache.
-const READ_PIECE: u64 = 256 << 10;
-
-/// Pieces read ahead of the sender.
-const READ_QUEUE: usize = 4;
-
 /// Filled buffers an upload may queue for storing, on top of the one being stored.
 const WRITE_QUEUE: usize = 1;
 
@@ -45,9 +38,6 @@ const WRITE_QUEUE: usize = 1;
 /// stored as it is and the buffer goes back to the shared set. A fast client fills one
 /// in about a millisecond; a slow or stalled one cannot keep a buffer from the others.
 const HOLD_LIMIT: std::time::Duration = std::time::Duration::from_millis(50);
-
-/// `data` is field 10 of ReadResponse (google/bytestream/bytestream.proto).
-const READ_RESPONSE_DATA: u32 = 10;
 
 const SERVICE: &str = "google.bytestream.ByteStream";
 
@@ -134,9 +124,10 @@ impl tonic::codegen::Service<HttpRequest> for ByteStreamServer {
             if let Err(status) = check_encoding(&req) {
                 return Ok(status_response(status));
             }
+            let slot = req.extensions().get::<ClientSlot>().cloned();
             let body = req.into_body();
             Ok(match method.as_str() {
-                "Read" => match svc.read(body).await {
+                "Read" => match svc.read(body, slot).await {
                     Ok(response) => response,
                     Err(status) => status_response(status),
                 },
@@ -245,7 +236,7 @@ fn decode_status(e: DecodeError) -> Status {
 }
 
 impl ByteStreamService {
-    async fn read(&self, body: Body) -> Result<HttpResponse, Status> {
+    async fn read(&self, body: Body, slot: Option<ClientSlot>) -> Result<HttpResponse, Status> {
         let req: ReadRequest = unary_request(body, "ReadRequest").await?;
         let name = parse_read(&req.resource_name)?;
         self.config.instances.check(&name.instance)?;
@@ -270,45 +261,16 @@ impl ByteStreamService {
         let d = digest.clone();
         let reader =
             blocking(move || store.open_reader(&d, offset, end).map_err(cas_status)).await?;
-        let Some(mut reader) = reader else {
+        let Some(reader) = reader else {
             return Err(Status::not_found(format!("blob {digest} not found")));
         };
-        // One blocking thread reads the whole range, a short queue ahead of the sender.
-        // Each message goes out as a small prefix followed by the pieces read from disk,
-        // with no copy in between, and only once all of it has been read: a failed
-        // verification (which comes with the last piece) then ends the stream with its
-        // status after whole messages only, as clients expect.
-        let (tx, rx) = tokio::sync::mpsc::channel::<BodyFrame>(READ_QUEUE);
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
-            let send = |frame| tx.blocking_send(frame).is_ok();
-            let mut pieces = Vec::new();
-            let status = 'read: loop {
-                let size = reader.remaining().min(READ_CHUNK) as usize;
-                let mut left = size;
-                loop {
-                    match reader.next_chunk(READ_PIECE.min(left as u64), &store) {
-                        Ok(Some(piece)) => {
-                            left -= piece.len();
-                            pieces.push(piece);
-                            if left == 0 {
-                                break;
-                            }
-                        }
-                        Ok(None) => break 'read Status::ok(""),
-                        Err(e) => break 'read cas_status(e),
-                    }
-                }
-                let prefix = bytes_message_prefix(READ_RESPONSE_DATA, size);
-                for frame in std::iter::once(prefix).chain(pieces.drain(..)) {
-                    if !send(BodyFrame::data(frame)) {
-                        return; // the client went away
-                    }
-                }
-            };
-            send(BodyFrame::trailers(status_trailers(&status)));
-        });
-        Ok(streaming_response(rx))
+        let body = ReadBody::new(
+            self.store.clone(),
+            reader,
+            self.config.stream_idle_timeout,
+            slot,
+        );
+        Ok(body_response(Body::new(body)))
     }
 
     async fn write(&self, mut body: Body) -> Result<WriteResponse, Status> {
@@ -325,15 +287,16 @@ impl ByteStreamService {
         let mut message_start = 0u64;
         let mut messages = 0u64;
         loop {
+            let idle = self.config.stream_idle_timeout;
             let frame = match started.as_mut().and_then(|u| u.hold_left().map(|t| (u, t))) {
                 Some((upload, left)) => match tokio::time::timeout(left, body.frame()).await {
                     Ok(frame) => frame,
                     Err(_) => {
                         upload.flush().await?;
-                        body.frame().await
+                        next_frame(&mut body, idle.saturating_sub(left)).await?
                     }
                 },
-                None => body.frame().await,
+                None => next_frame(&mut body, idle).await?,
             };
             let mut data = match frame {
                 None => break,
@@ -426,10 +389,16 @@ impl ByteStreamService {
         // Receiving the next buffer overlaps with storing the previous one: the storage
         // side runs on its own blocking thread, fed through a short queue.
         let (chunks, mut queued) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
-        let storing = tokio::task::spawn_blocking(move || {
+        // A blocking task per buffer, not a thread per upload: an upload whose client
+        // has gone quiet holds no thread.
+        let storing = tokio::spawn(async move {
             let mut writer = writer;
-            while let Some(chunk) = queued.blocking_recv() {
-                writer.write_bytes(chunk).map_err(cas_status)?;
+            while let Some(chunk) = queued.recv().await {
+                writer = blocking(move || {
+                    writer.write_bytes(chunk).map_err(cas_status)?;
+                    Ok(writer)
+                })
+                .await?;
             }
             Ok::<_, Status>(writer)
         });
@@ -473,6 +442,19 @@ impl ByteStreamService {
             ))),
         }
     }
+}
+
+/// The next frame of a Write's body, or DEADLINE_EXCEEDED if the client sends nothing
+/// for `idle` (a stalled upload must not hold its reservation and file for ever).
+async fn next_frame(
+    body: &mut Body,
+    idle: std::time::Duration,
+) -> Result<Option<Result<http_body::Frame<bytes::Bytes>, Status>>, Status> {
+    tokio::time::timeout(idle, body.frame()).await.map_err(|_| {
+        Status::deadline_exceeded(format!(
+            "the Write stream sent nothing for {idle:?} and was abandoned"
+        ))
+    })
 }
 
 fn check_overrun(digest: &Digest, received: u64) -> Result<(), Status> {

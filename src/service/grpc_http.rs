@@ -132,16 +132,7 @@ pub fn unary_response(msg: &impl prost::Message) -> HttpResponse {
     )))
 }
 
-/// A streaming response whose frames (data, then trailers) come from `frames`.
-pub fn streaming_response(frames: tokio::sync::mpsc::Receiver<BodyFrame>) -> HttpResponse {
-    let stream = futures::StreamExt::map(
-        tokio_stream::wrappers::ReceiverStream::new(frames),
-        Ok::<_, Infallible>,
-    );
-    body_response(Body::new(http_body_util::StreamBody::new(stream)))
-}
-
-fn body_response(body: Body) -> HttpResponse {
+pub fn body_response(body: Body) -> HttpResponse {
     let mut response = http::Response::new(body);
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,

@@ -6,6 +6,7 @@ pub mod bytestream;
 pub mod capabilities;
 pub mod cas;
 pub mod grpc_http;
+pub mod read_body;
 pub mod resource_name;
 pub mod upload_buffers;
 pub mod write_decoder;
@@ -30,6 +31,8 @@ pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 pub struct ServiceConfig {
     pub instances: Instances,
     pub allow_push: bool,
+    /// How long a ByteStream stream may make no progress before it is abandoned.
+    pub stream_idle_timeout: std::time::Duration,
 }
 
 /// The instance names this server answers to. All of them share one store: an instance

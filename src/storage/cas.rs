@@ -114,6 +114,9 @@ pub struct CasStore {
     usage: Arc<SharedCounter>,
     /// This process's share of the reservations in `usage`.
     local_reserved: Arc<AtomicU64>,
+    /// The part of this process's reservations not yet written to disk: space that the
+    /// filesystem still shows as free but that uploads in progress will take.
+    local_unwritten: Arc<AtomicU64>,
     /// Bytes this process has committed, ever: lets a measurement that raced with
     /// commits add them back rather than lose them.
     local_committed: Arc<AtomicU64>,
@@ -157,6 +160,7 @@ impl CasStore {
             policy,
             usage: Arc::new(usage),
             local_reserved: Arc::new(AtomicU64::new(0)),
+            local_unwritten: Arc::new(AtomicU64::new(0)),
             local_committed: Arc::new(AtomicU64::new(0)),
             evicting: Mutex::new(()),
             dirty: Arc::new(AtomicBool::new(false)),
@@ -281,19 +285,7 @@ impl CasStore {
         if shortfall().is_none() {
             return Ok(());
         }
-        // Evicting cannot help a write the empty filesystem could not take: refuse it
-        // without emptying the cache first.
-        if let Some((total, _)) = filesystem_space(&self.objects) {
-            if size + self.policy.reserve > total {
-                return Err(CasError::NoSpace {
-                    size,
-                    reason: format!(
-                        "the filesystem holds {total} bytes in all and {} are kept in reserve",
-                        self.policy.reserve
-                    ),
-                });
-            }
-        }
+        self.check_fits(size)?;
         let _lock = self.lock_eviction()?;
         // Another thread or process may have made room while we waited.
         if shortfall().is_none() {
@@ -302,6 +294,7 @@ impl CasStore {
         let started = std::time::Instant::now();
         let committed_before = self.local_committed.load(Ordering::Relaxed);
         let reserved = self.local_reserved.load(Ordering::Relaxed);
+        let unwritten = self.local_unwritten.load(Ordering::Relaxed);
         let avail = free_space(&self.objects);
         let policy = self.policy;
         let report = lru::evict(
@@ -315,7 +308,7 @@ impl CasStore {
                     _ => 0,
                 };
                 let for_disk = match avail {
-                    Some(a) => (policy.reserve + size).saturating_sub(a),
+                    Some(a) => (policy.reserve + size + unwritten).saturating_sub(a),
                     None => 0,
                 };
                 for_quota.max(for_disk)
@@ -334,6 +327,23 @@ impl CasStore {
             None => Ok(()),
             Some(reason) => Err(CasError::NoSpace { size, reason }),
         }
+    }
+
+    /// Evicting cannot help a write the empty filesystem could not take: refuse it
+    /// without emptying the cache first.
+    fn check_fits(&self, size: u64) -> Result<(), CasError> {
+        if let Some((total, _)) = filesystem_space(&self.objects) {
+            if size + self.policy.reserve > total {
+                return Err(CasError::NoSpace {
+                    size,
+                    reason: format!(
+                        "the filesystem holds {total} bytes in all and {} are kept in reserve",
+                        self.policy.reserve
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// One evictor at a time: a mutex within the process, `flock` across processes
@@ -378,11 +388,16 @@ impl CasStore {
                 ));
             }
         }
+        // Uploads in progress will take the rest of their reservations: count them now,
+        // or concurrent uploads each see the same free space and together run out of it.
+        // (`--reserve 0` turns the disk check off: uploads then run until ENOSPC.)
+        let unwritten = self.local_unwritten.load(Ordering::Relaxed);
         if self.policy.reserve > 0 {
             if let Some(avail) = free_space(&self.objects) {
-                if avail < self.policy.reserve + size {
+                if avail < self.policy.reserve + size + unwritten {
                     return Some(format!(
-                        "only {avail} bytes are free on the filesystem and {} are kept in reserve",
+                        "only {avail} bytes are free on the filesystem, {unwritten} are promised \
+                         to uploads in progress and {} are kept in reserve",
                         self.policy.reserve
                     ));
                 }
@@ -586,10 +601,21 @@ impl CasStore {
                     });
                 }
             }
-            self.make_room(digest.size())?;
-            // Counted from now on, so concurrent uploads cannot overshoot the quota
-            // together and eviction knows about space that is spoken for.
+            // Counted before looking for room, so that concurrent uploads cannot all see
+            // the same room and together overshoot the quota or fill the disk; from now
+            // on eviction knows about the space that is spoken for. (If there is no room,
+            // dropping the reservation gives it back.)
             let reservation = Reservation::new(self, digest.size());
+            if self.shortfall(0).is_some() {
+                self.check_fits(digest.size())?;
+                self.make_room(0).map_err(|e| match e {
+                    CasError::NoSpace { reason, .. } => CasError::NoSpace {
+                        size: digest.size(),
+                        reason,
+                    },
+                    other => other,
+                })?;
+            }
             let (path, file) = if self.anonymous_temporaries {
                 (None, self.create_anonymous(&final_path)?)
             } else {
@@ -711,18 +737,31 @@ struct Reservation {
     local: Arc<AtomicU64>,
     committed: Arc<AtomicU64>,
     bytes: u64,
+    /// This reservation's part of [`CasStore::local_unwritten`].
+    unwritten_total: Arc<AtomicU64>,
+    unwritten: u64,
 }
 
 impl Reservation {
     fn new(store: &CasStore, bytes: u64) -> Self {
         store.usage.add(bytes);
         store.local_reserved.fetch_add(bytes, Ordering::Relaxed);
+        store.local_unwritten.fetch_add(bytes, Ordering::Relaxed);
         Reservation {
             usage: store.usage.clone(),
             local: store.local_reserved.clone(),
             committed: store.local_committed.clone(),
             bytes,
+            unwritten_total: store.local_unwritten.clone(),
+            unwritten: bytes,
         }
+    }
+
+    /// `n` more bytes are on disk (and show in the filesystem's free space).
+    fn written(&mut self, n: u64) {
+        let n = n.min(self.unwritten);
+        self.unwritten -= n;
+        self.unwritten_total.fetch_sub(n, Ordering::Relaxed);
     }
 
     fn keep(mut self) {
@@ -738,6 +777,8 @@ impl Drop for Reservation {
             self.usage.sub(self.bytes);
             self.local.fetch_sub(self.bytes, Ordering::Relaxed);
         }
+        self.unwritten_total
+            .fetch_sub(self.unwritten, Ordering::Relaxed);
     }
 }
 
@@ -999,6 +1040,7 @@ impl BlobWriter {
             sink.file
                 .write_all(data)
                 .map_err(|e| CasError::io(format!("writing upload of {}", self.digest), e))?;
+            sink.reservation.written(data.len() as u64);
         }
         self.written += data.len() as u64;
         Ok(())

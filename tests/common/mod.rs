@@ -62,6 +62,11 @@ impl Server {
         self.child.id()
     }
 
+    /// What the server has logged so far (at `--log-level info` unless the test chose).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._scratch.path().join("server.log")).unwrap_or_default()
+    }
+
     /// Sends a signal and waits (bounded) for the process to exit.
     pub fn signal_and_wait(&mut self, signal: i32) -> std::process::ExitStatus {
         // SAFETY: plain kill(2) on our own child's pid.
