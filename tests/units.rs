@@ -10,20 +10,73 @@ use std::process::{Command, Output};
 const MAX_EXPOSURE: f64 = 1.2;
 
 struct Fixture {
-    // Under the target directory: the units refuse paths below /tmp (PrivateTmp=yes).
+    // Not under /tmp or /var/tmp: the units refuse paths there (PrivateTmp=yes).
     dir: tempfile::TempDir,
+    /// `--binary` to pass: the server copied out of a build tree that is under a
+    /// temporary directory, None when the build tree itself is acceptable.
+    binary: Option<PathBuf>,
+}
+
+fn under_temporary_dir(path: &std::path::Path) -> bool {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    ["/tmp", "/var/tmp"].iter().any(|t| path.starts_with(t))
+}
+
+/// Where fixtures go: the target directory, unless the checkout (or CARGO_TARGET_DIR) is
+/// under a temporary directory; then a directory of the suite's own elsewhere.
+fn fixture_base() -> PathBuf {
+    let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    if !under_temporary_dir(&target) {
+        return target;
+    }
+    let candidates = [
+        PathBuf::from("/var/lib/bst-artifact-server-tests"),
+        PathBuf::from(std::env::var("HOME").unwrap_or_default())
+            .join(".cache/bst-artifact-server-tests"),
+    ];
+    for dir in candidates {
+        if std::fs::create_dir_all(&dir).is_ok() && !under_temporary_dir(&dir) {
+            return dir;
+        }
+    }
+    panic!("no directory outside /tmp and /var/tmp for the unit fixtures");
 }
 
 impl Fixture {
     fn new() -> Fixture {
-        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let dir = tempfile::tempdir_in(fixture_base()).unwrap();
+        let binary = under_temporary_dir(std::path::Path::new(common::BIN)).then(|| {
+            let copy = dir.path().join("bst-artifact-server");
+            std::fs::copy(common::BIN, &copy).unwrap();
+            copy
+        });
         let certs = dir.path().join("certs");
         std::fs::create_dir(&certs).unwrap();
         for f in ["server.key", "server.crt", "authorized.crt"] {
             std::fs::write(certs.join(f), "placeholder\n").unwrap();
         }
         std::fs::create_dir(dir.path().join("units")).unwrap();
-        Fixture { dir }
+        Fixture { dir, binary }
+    }
+
+    /// The binary the units run: what `install-units` picks by default (itself), or the
+    /// copy passed with `--binary`.
+    fn expected_binary(&self) -> PathBuf {
+        std::fs::canonicalize(self.binary.as_deref().unwrap_or(common::BIN.as_ref())).unwrap()
+    }
+
+    /// `install-units` with the fixture's certificates and target directory.
+    fn command(&self, repo: &str, with_binary: bool) -> Command {
+        let mut cmd = Command::new(common::BIN);
+        cmd.arg("install-units").args(["--repo", repo]);
+        if let Some(b) = self.binary.as_ref().filter(|_| with_binary) {
+            cmd.arg("--binary").arg(b);
+        }
+        cmd.arg("--certs-dir")
+            .arg(self.certs())
+            .arg("--target-dir")
+            .arg(self.units());
+        cmd
     }
 
     fn certs(&self) -> PathBuf {
@@ -35,16 +88,8 @@ impl Fixture {
     }
 
     fn install(&self, extra: &[&str]) -> Output {
-        Command::new(common::BIN)
-            .arg("install-units")
-            .args(["--repo", "/srv/bst-artifacts"])
-            .arg("--certs-dir")
-            .arg(self.certs())
-            .arg("--target-dir")
-            .arg(self.units())
-            .args(extra)
-            .output()
-            .unwrap()
+        let mut cmd = self.command("/srv/bst-artifacts", !extra.contains(&"--binary"));
+        cmd.args(extra).output().unwrap()
     }
 
     fn unit(&self, name: &str) -> String {
@@ -98,7 +143,7 @@ fn installs_both_units_with_expected_commands() {
         "{stdout}"
     );
 
-    let bin = std::fs::canonicalize(common::BIN).unwrap();
+    let bin = fx.expected_binary();
     let certs = fx.certs().canonicalize().unwrap();
     let pull = fx.unit(PULL);
     let push = fx.unit(PUSH);
@@ -305,13 +350,7 @@ fn other_bad_arguments_write_nothing() {
         assert!(err.contains(expect), "{args:?}: {err}");
         assert!(fx.unit_files().is_empty());
     }
-    let out = Command::new(common::BIN)
-        .args(["install-units", "--repo", "/tmp/repo", "--certs-dir"])
-        .arg(fx.certs())
-        .arg("--target-dir")
-        .arg(fx.units())
-        .output()
-        .unwrap();
+    let out = fx.command("/tmp/repo", true).output().unwrap();
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("PrivateTmp"));
     assert!(fx.unit_files().is_empty());
@@ -320,12 +359,8 @@ fn other_bad_arguments_write_nothing() {
 #[test]
 fn paths_under_home_keep_home_readable() {
     let fx = Fixture::new();
-    let out = Command::new(common::BIN)
-        .args(["install-units", "--repo", "/home/artifacts/artifacts"])
-        .arg("--certs-dir")
-        .arg(fx.certs())
-        .arg("--target-dir")
-        .arg(fx.units())
+    let out = fx
+        .command("/home/artifacts/artifacts", true)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
