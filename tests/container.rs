@@ -57,11 +57,20 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// The tests' own containers.conf (tests/scripts/setup-podman.sh writes it; the machine's
+/// configuration under /etc is never changed).
+fn containers_conf() -> PathBuf {
+    std::env::var_os("CONTAINERS_CONF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/podman/containers.conf"))
+}
+
 /// Runs a command under timeout(1), so a hung podman fails the test instead of stalling it.
 fn run_bounded(limit: Duration, program: &str, args: &[&str]) -> Output {
     Command::new("timeout")
         .args(["--kill-after=5", &limit.as_secs().to_string(), program])
         .args(args)
+        .env("CONTAINERS_CONF", containers_conf())
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("running {program}: {e}"))
@@ -357,6 +366,7 @@ impl Resources {
                 .set_read_timeout(Some(Duration::from_millis(500)))
                 .unwrap();
             let mut cmd = Command::new("timeout");
+            cmd.env("CONTAINERS_CONF", containers_conf());
             cmd.args([
                 "--kill-after=5",
                 &PODMAN_LIMIT.as_secs().to_string(),

@@ -60,9 +60,13 @@ if [ "${#apt_missing[@]}" -gt 0 ]; then
     as_root apt-get install -y -q --no-install-recommends "${apt_missing[@]}"
 fi
 
-# --- podman, for tests/container.rs -------------------------------------------------------
-# Installs podman (and writes the containers.conf this VM kind needs) only when missing.
-# The container test needs root anyway, so a run without root skips it instead.
+# --- podman, for tests/container.rs and tests/systemd_container.rs ------------------------
+# Installs podman only when missing, and writes the tests' own containers.conf (runc,
+# cgroupfs, fixed ulimits: what this VM kind needs) under target/podman/. Podman reads it
+# only through CONTAINERS_CONF, exported here and set by the tests themselves, so the
+# machine's podman configuration under /etc is left as it is. The container tests need
+# root anyway, so a run without root skips them instead.
+export CONTAINERS_CONF="$REPO_ROOT/target/podman/containers.conf"
 if [ "$(id -u)" -eq 0 ]; then
     "$REPO_ROOT/tests/scripts/setup-podman.sh"
 else

@@ -70,6 +70,7 @@ fn run(limit: Duration, program: &str, args: &[&str]) -> Output {
         .arg(limit.as_secs().to_string())
         .arg(program)
         .args(args)
+        .env("CONTAINERS_CONF", common::containers_conf())
         .stdin(Stdio::null())
         .output()
         .unwrap()

@@ -97,6 +97,17 @@ fn log_file(dir: &Path) -> std::fs::File {
     std::fs::File::create(dir.join("server.log")).expect("creating the server log")
 }
 
+/// The containers.conf the podman tests use (written by tests/scripts/setup-podman.sh):
+/// $CONTAINERS_CONF, or the repository's own under target/, never the machine's.
+/// (tests/container.rs, which does not use this module, has the same rule.)
+pub fn containers_conf() -> PathBuf {
+    std::env::var_os("CONTAINERS_CONF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/podman/containers.conf")
+        })
+}
+
 pub fn wait_for_port_file(port_file: &Path, child: &mut Child) -> u16 {
     let deadline = Instant::now() + TIMEOUT;
     loop {

@@ -26,26 +26,12 @@ log() { echo "build-base-image: $*" >&2; }
 
 [[ $(id -u) == 0 ]] || { log "must run as root (debootstrap)"; exit 2; }
 
-# On these VMs crun fails on the hybrid cgroup layout and root cannot raise rlimits.
-# setup-podman.sh (shared with the container tests) writes containers.conf when nobody has
-# configured podman yet; the inline copy only serves when that script is absent.
+# On these VMs crun fails on the hybrid cgroup layout and root cannot raise rlimits:
+# setup-podman.sh (shared with the container tests) writes the tests' own containers.conf
+# and podman here uses it through CONTAINERS_CONF (nothing under /etc is changed).
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-conf=/etc/containers/containers.conf
-if [[ -x $here/setup-podman.sh ]]; then
-    "$here/setup-podman.sh" >&2
-elif [[ ! -e $conf ]]; then
-    log "writing $conf (runc, cgroupfs, file events, fixed ulimits)"
-    mkdir -p /etc/containers
-    cat >"$conf" <<'CONF'
-[containers]
-default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
-
-[engine]
-runtime = "runc"
-cgroup_manager = "cgroupfs"
-events_logger = "file"
-CONF
-fi
+export CONTAINERS_CONF=${CONTAINERS_CONF:-$(cd "$here/../.." && pwd)/target/podman/containers.conf}
+"$here/setup-podman.sh" >&2
 
 for tool in podman debootstrap; do
     command -v "$tool" >/dev/null || { log "$tool is not installed (apt-get install $tool)"; exit 2; }

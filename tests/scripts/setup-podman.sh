@@ -2,11 +2,13 @@
 # Makes podman usable for the container tests on a Debian 12 machine, as root:
 #   - installs podman, buildah, runc, slirp4netns and uidmap when podman, buildah or runc
 #     is missing (apt-get update runs only then);
-#   - writes /etc/containers/containers.conf when it does not exist yet, with the settings
-#     these VMs need (crun fails on their hybrid cgroup layout, so runc; root cannot raise
-#     rlimits, so fixed ulimits; no systemd as PID 1, so cgroupfs and file events).
-# A second run changes nothing. An existing containers.conf is left alone: whoever wrote it
-# configured podman on purpose.
+#   - writes the tests' own containers.conf, $CONTAINERS_CONF or else
+#     <repo>/target/podman/containers.conf, with the settings these VMs need (crun fails on
+#     their hybrid cgroup layout, so runc; root cannot raise rlimits, so fixed ulimits; no
+#     systemd as PID 1, so cgroupfs and file events). Nothing under /etc is touched: podman
+#     reads this file only where CONTAINERS_CONF names it (the tests and run-all.sh do), so
+#     the machine's own podman keeps its configuration.
+# A second run changes nothing.
 #
 # Usage: tests/scripts/setup-podman.sh [--check]
 #   --check  only report (exit 1) what is missing; install nothing.
@@ -18,7 +20,9 @@ log() { echo "setup-podman: $*" >&2; }
 check_only=no
 [[ ${1:-} == --check ]] && check_only=yes
 
-conf=/etc/containers/containers.conf
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+conf=${CONTAINERS_CONF:-$repo_root/target/podman/containers.conf}
+export CONTAINERS_CONF=$conf
 missing=()
 for tool in podman buildah runc; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
@@ -48,9 +52,9 @@ fi
 
 if [[ ! -e $conf ]]; then
     log "writing $conf (runc, cgroupfs, file events, fixed ulimits)"
-    mkdir -p /etc/containers
+    mkdir -p "$(dirname "$conf")"
     # Written to a temporary name first, so a concurrent reader never sees half a file.
-    tmp=$(mktemp /etc/containers/.containers.conf.XXXXXX)
+    tmp=$(mktemp "$(dirname "$conf")/.containers.conf.XXXXXX")
     cat >"$tmp" <<'CONF'
 [containers]
 default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
