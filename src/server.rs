@@ -94,6 +94,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         config: config.clone(),
     };
     let mut router = Server::builder()
+        .layer(crate::service::http_guard::GrpcOnlyLayer)
         .initial_stream_window_size(Some(STREAM_WINDOW))
         .initial_connection_window_size(Some(16 << 20))
         .max_frame_size(Some(MAX_FRAME))
