@@ -238,6 +238,9 @@ async fn malformed_resource_names_are_invalid_argument() {
         format!("uploads/{u}/compressed-blobs/zstd/{h}/5"),
         format!("uploads/{u}/compressed-blobs/deflate/{h}/5"),
         format!("../uploads/{u}/blobs/{h}/5"),
+        // Not the empty instance's name: an empty segment.
+        format!("/uploads/{u}/blobs/{h}/5"),
+        format!("//uploads/{u}/blobs/{h}/5"),
     ];
     for name in &bad_writes {
         let msgs = vec![WriteRequest {
@@ -263,6 +266,8 @@ async fn malformed_resource_names_are_invalid_argument() {
         format!("{h}/5"),
         format!("uploads/{u}/blobs/{h}/5"),
         format!("compressed-blobs/zstd/{h}/5"),
+        format!("/blobs/{h}/5"),
+        format!("//blobs/{h}/5"),
     ];
     for name in &bad_reads {
         let r = read(&ch, name, 0, 0).await;
