@@ -751,11 +751,27 @@ async fn raw_call(
     body: Vec<u8>,
     encoding: Option<&str>,
 ) -> (Code, String, Vec<u8>) {
+    raw_call_path(
+        ch,
+        &format!("/google.bytestream.ByteStream/{method}"),
+        body,
+        encoding,
+    )
+    .await
+}
+
+/// [`raw_call`] to any service's method (`path` is `/package.Service/Method`).
+async fn raw_call_path(
+    ch: &Channel,
+    path: &str,
+    body: Vec<u8>,
+    encoding: Option<&str>,
+) -> (Code, String, Vec<u8>) {
     use http_body_util::BodyExt;
     use tonic::codegen::Service;
     let mut req = http::Request::builder()
         .method("POST")
-        .uri(format!("/google.bytestream.ByteStream/{method}"))
+        .uri(path)
         .header("content-type", "application/grpc")
         .header("te", "trailers");
     if let Some(e) = encoding {
@@ -873,12 +889,28 @@ async fn hand_made_write_and_read_bodies() {
             Code::Internal,
             "failed to decode",
         ),
+        // gRPC's compression specification: a compressed flag without an encoding
+        // MUST be INTERNAL; an encoding we do not take is UNIMPLEMENTED.
         (
             "compressed flag",
             frame(1, &encode(&good)),
             None,
-            Code::Unimplemented,
-            "compressed",
+            Code::Internal,
+            "compressed flag",
+        ),
+        (
+            "compressed flag, identity",
+            frame(1, &encode(&good)),
+            Some("identity"),
+            Code::Internal,
+            "compressed flag",
+        ),
+        (
+            "unknown flag",
+            frame(2, &encode(&good)),
+            None,
+            Code::Internal,
+            "flag",
         ),
         (
             "gzip",
@@ -921,9 +953,91 @@ async fn hand_made_write_and_read_bodies() {
         resource_name: read_name("", &d),
         ..Default::default()
     });
-    let twice = [frame(0, &req), frame(0, &req)].concat();
-    let (got, message, _) = raw_call(&ch, "Read", twice, None).await;
-    assert_eq!(got, Code::InvalidArgument, "{message}");
+    let qws = encode(&QueryWriteStatusRequest {
+        resource_name: name.clone(),
+    });
+    // The unary methods: what, method, body, grpc-encoding, code, words of the message.
+    type UnaryCase<'a> = (&'a str, &'a str, Vec<u8>, Option<&'a str>, Code, &'a str);
+    let unary_cases: Vec<UnaryCase> = vec![
+        (
+            "twice",
+            "Read",
+            [frame(0, &req), frame(0, &req)].concat(),
+            None,
+            Code::InvalidArgument,
+            "exactly one",
+        ),
+        (
+            "no message",
+            "Read",
+            vec![],
+            None,
+            Code::InvalidArgument,
+            "no ReadRequest",
+        ),
+        (
+            "cut in the prefix",
+            "Read",
+            frame(0, &req)[..3].to_vec(),
+            None,
+            Code::Internal,
+            "ended in the middle",
+        ),
+        (
+            "cut in the message",
+            "Read",
+            frame(0, &req)[..20].to_vec(),
+            None,
+            Code::Internal,
+            "ended in the middle",
+        ),
+        (
+            "cut in the message",
+            "QueryWriteStatus",
+            frame(0, &qws)[..20].to_vec(),
+            None,
+            Code::Internal,
+            "ended in the middle",
+        ),
+        (
+            "compressed flag",
+            "Read",
+            frame(1, &req),
+            None,
+            Code::Internal,
+            "compressed flag",
+        ),
+        (
+            "compressed flag",
+            "QueryWriteStatus",
+            frame(1, &qws),
+            None,
+            Code::Internal,
+            "compressed flag",
+        ),
+        (
+            "gzip",
+            "QueryWriteStatus",
+            frame(0, &qws),
+            Some("gzip"),
+            Code::Unimplemented,
+            "compressed",
+        ),
+    ];
+    for (what, method, body, encoding, code, words) in unary_cases {
+        let (got, message, _) = raw_call(&ch, method, body, encoding).await;
+        assert_eq!(got, code, "{method} {what}: {message}");
+        assert!(message.contains(words), "{method} {what}: {message}");
+    }
+    // The same codes as tonic's generated services give.
+    let cas_path = "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs";
+    let find = encode(&reapi::FindMissingBlobsRequest::default());
+    let (got, message, _) = raw_call_path(&ch, cas_path, frame(1, &find), None).await;
+    assert_eq!(got, Code::Internal, "{message}");
+    let (got, message, _) = raw_call_path(&ch, cas_path, frame(0, &find)[..3].to_vec(), None).await;
+    assert_eq!(got, Code::Internal, "{message}");
+    let (got, message, _) = raw_call_path(&ch, cas_path, frame(0, &find), Some("gzip")).await;
+    assert_eq!(got, Code::Unimplemented, "{message}");
     let (got, message, _) = raw_call(&ch, "Delete", frame(0, &req), None).await;
     assert_eq!(got, Code::Unimplemented, "{message}");
 

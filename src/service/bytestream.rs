@@ -231,10 +231,12 @@ impl Started {
 }
 
 /// The codes tonic gives for the same faults in other services (docs/protocol.md):
-/// bytes that are not a message are INTERNAL, as gRPC's status code specification has it.
+/// bytes that are not a message are INTERNAL, as gRPC's status code specification has it,
+/// and so is a compressed flag without an encoding, as gRPC's compression specification
+/// requires.
 fn decode_status(e: DecodeError) -> Status {
     match e {
-        DecodeError::Compressed => Status::unimplemented(e.to_string()),
+        DecodeError::Compressed => Status::internal(e.to_string()),
         DecodeError::Malformed(_) | DecodeError::Truncated => {
             Status::internal(format!("failed to decode Protobuf message: {e}"))
         }
