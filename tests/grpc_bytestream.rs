@@ -202,6 +202,35 @@ async fn write_protocol_violations_are_failed_precondition() {
     // A stream with no message at all.
     assert!(write_msgs(&ch, vec![]).await.is_err());
 
+    // Every byte sent, then a rewind that resends them: to the start (write_offset 0 is
+    // not even on the wire) or to the middle.
+    for rewind_to in [0, 1000] {
+        let mut msgs = write_requests(&name, &blob, 1000);
+        msgs.last_mut().unwrap().finish_write = false;
+        let mut again = write_requests(&name, &blob, 1000);
+        again.retain(|m| m.write_offset >= rewind_to);
+        msgs.extend(again);
+        let s = assert_code(write_msgs(&ch, msgs).await, Code::FailedPrecondition);
+        assert!(s.message().contains("write_offset"), "{s:?}");
+        assert_not_stored(&ch, repo.path(), &blob).await;
+    }
+
+    // Anything after the message with finish_write: more data, or an empty request.
+    for extra in [
+        WriteRequest {
+            write_offset: 3000,
+            data: vec![1],
+            ..Default::default()
+        },
+        WriteRequest::default(),
+    ] {
+        let mut msgs = write_requests(&name, &blob, 1000);
+        msgs.push(extra);
+        let s = assert_code(write_msgs(&ch, msgs).await, Code::FailedPrecondition);
+        assert!(s.message().contains("finish_write"), "{s:?}");
+        assert_not_stored(&ch, repo.path(), &blob).await;
+    }
+
     // Repeating the same name on every message is allowed.
     let mut msgs = write_requests(&name, &blob, 1000);
     for m in &mut msgs {
@@ -209,6 +238,20 @@ async fn write_protocol_violations_are_failed_precondition() {
     }
     assert_eq!(write_msgs(&ch, msgs).await.unwrap().committed_size, 3000);
     assert_stored(&ch, repo.path(), &blob).await;
+
+    // A client that keeps its side open after finish_write, waiting for the answer,
+    // gets it within a bounded time, and the blob is stored.
+    let other = pseudo_random(401, 3000);
+    let (tx, call) = open_write(&ch);
+    for m in write_requests(&upload_name("", &digest(&other)), &other, 1000) {
+        tx.send(m).await.unwrap();
+    }
+    let started = std::time::Instant::now();
+    let r = bounded(call).await.unwrap().unwrap().into_inner();
+    assert_eq!(r.committed_size, 3000);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    drop(tx);
+    assert_stored(&ch, repo.path(), &other).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -939,6 +982,20 @@ async fn hand_made_write_and_read_bodies() {
             None,
             Code::InvalidArgument,
             "no request",
+        ),
+        (
+            "a message after finish_write",
+            [frame(0, &encode(&good)), frame(0, &[])].concat(),
+            None,
+            Code::FailedPrecondition,
+            "finish_write",
+        ),
+        (
+            "a byte after finish_write",
+            [frame(0, &encode(&good)), vec![0]].concat(),
+            None,
+            Code::FailedPrecondition,
+            "finish_write",
         ),
     ];
     for (what, body, encoding, code, words) in cases {

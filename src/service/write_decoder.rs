@@ -267,6 +267,12 @@ impl WriteDecoder {
         &self.header.resource_name
     }
 
+    /// The current message's `write_offset` as decoded so far: protobuf's default, 0,
+    /// until the field comes (every encoder we know puts it before the data).
+    pub fn write_offset(&self) -> i64 {
+        self.header.write_offset
+    }
+
     /// Whether the body may end here: between messages.
     pub fn at_boundary(&self) -> bool {
         matches!(self.state, State::Prefix { have: 0, .. })
