@@ -95,7 +95,7 @@ pub struct ServeArgs {
 
     /// Also answer to this REAPI instance name (repeatable). The empty name is always
     /// accepted; every name shares the one store.
-    #[arg(long = "instance-name", value_name = "NAME")]
+    #[arg(long = "instance-name", value_name = "NAME", value_parser = parse_instance_name)]
     pub instance_names: Vec<String>,
 
     /// Most bytes of blobs to keep; least recently used blobs are evicted beyond it.
@@ -150,6 +150,10 @@ impl LogLevel {
 
 /// Parses a byte size: `1048576`, `10e9`, `1.5G`, `512K`, `2TiB` (suffixes are powers of
 /// 1024, as in BuildStream's own cache quota settings).
+fn parse_instance_name(s: &str) -> Result<String, String> {
+    crate::service::resource_name::check_instance_name(s).map(|()| s.to_owned())
+}
+
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let lower = t.to_ascii_lowercase();

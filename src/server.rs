@@ -115,6 +115,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let limits = ClientLimits::new(args.max_client_requests, crate::client_limit::QUEUE_WAIT);
     let mut router = Server::builder()
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        // Outermost first: what is not a gRPC call is refused before it waits for a slot.
+        .layer(crate::service::http_guard::GrpcOnlyLayer)
         .layer(ClientLimitLayer(limits))
         .initial_stream_window_size(Some(STREAM_WINDOW))
         .initial_connection_window_size(Some(16 << 20))

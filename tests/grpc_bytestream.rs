@@ -202,6 +202,35 @@ async fn write_protocol_violations_are_failed_precondition() {
     // A stream with no message at all.
     assert!(write_msgs(&ch, vec![]).await.is_err());
 
+    // Every byte sent, then a rewind that resends them: to the start (write_offset 0 is
+    // not even on the wire) or to the middle.
+    for rewind_to in [0, 1000] {
+        let mut msgs = write_requests(&name, &blob, 1000);
+        msgs.last_mut().unwrap().finish_write = false;
+        let mut again = write_requests(&name, &blob, 1000);
+        again.retain(|m| m.write_offset >= rewind_to);
+        msgs.extend(again);
+        let s = assert_code(write_msgs(&ch, msgs).await, Code::FailedPrecondition);
+        assert!(s.message().contains("write_offset"), "{s:?}");
+        assert_not_stored(&ch, repo.path(), &blob).await;
+    }
+
+    // Anything after the message with finish_write: more data, or an empty request.
+    for extra in [
+        WriteRequest {
+            write_offset: 3000,
+            data: vec![1],
+            ..Default::default()
+        },
+        WriteRequest::default(),
+    ] {
+        let mut msgs = write_requests(&name, &blob, 1000);
+        msgs.push(extra);
+        let s = assert_code(write_msgs(&ch, msgs).await, Code::FailedPrecondition);
+        assert!(s.message().contains("finish_write"), "{s:?}");
+        assert_not_stored(&ch, repo.path(), &blob).await;
+    }
+
     // Repeating the same name on every message is allowed.
     let mut msgs = write_requests(&name, &blob, 1000);
     for m in &mut msgs {
@@ -209,6 +238,20 @@ async fn write_protocol_violations_are_failed_precondition() {
     }
     assert_eq!(write_msgs(&ch, msgs).await.unwrap().committed_size, 3000);
     assert_stored(&ch, repo.path(), &blob).await;
+
+    // A client that keeps its side open after finish_write, waiting for the answer,
+    // gets it within a bounded time, and the blob is stored.
+    let other = pseudo_random(401, 3000);
+    let (tx, call) = open_write(&ch);
+    for m in write_requests(&upload_name("", &digest(&other)), &other, 1000) {
+        tx.send(m).await.unwrap();
+    }
+    let started = std::time::Instant::now();
+    let r = bounded(call).await.unwrap().unwrap().into_inner();
+    assert_eq!(r.committed_size, 3000);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    drop(tx);
+    assert_stored(&ch, repo.path(), &other).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -238,6 +281,9 @@ async fn malformed_resource_names_are_invalid_argument() {
         format!("uploads/{u}/compressed-blobs/zstd/{h}/5"),
         format!("uploads/{u}/compressed-blobs/deflate/{h}/5"),
         format!("../uploads/{u}/blobs/{h}/5"),
+        // Not the empty instance's name: an empty segment.
+        format!("/uploads/{u}/blobs/{h}/5"),
+        format!("//uploads/{u}/blobs/{h}/5"),
     ];
     for name in &bad_writes {
         let msgs = vec![WriteRequest {
@@ -263,6 +309,8 @@ async fn malformed_resource_names_are_invalid_argument() {
         format!("{h}/5"),
         format!("uploads/{u}/blobs/{h}/5"),
         format!("compressed-blobs/zstd/{h}/5"),
+        format!("/blobs/{h}/5"),
+        format!("//blobs/{h}/5"),
     ];
     for name in &bad_reads {
         let r = read(&ch, name, 0, 0).await;
@@ -746,11 +794,27 @@ async fn raw_call(
     body: Vec<u8>,
     encoding: Option<&str>,
 ) -> (Code, String, Vec<u8>) {
+    raw_call_path(
+        ch,
+        &format!("/google.bytestream.ByteStream/{method}"),
+        body,
+        encoding,
+    )
+    .await
+}
+
+/// [`raw_call`] to any service's method (`path` is `/package.Service/Method`).
+async fn raw_call_path(
+    ch: &Channel,
+    path: &str,
+    body: Vec<u8>,
+    encoding: Option<&str>,
+) -> (Code, String, Vec<u8>) {
     use http_body_util::BodyExt;
     use tonic::codegen::Service;
     let mut req = http::Request::builder()
         .method("POST")
-        .uri(format!("/google.bytestream.ByteStream/{method}"))
+        .uri(path)
         .header("content-type", "application/grpc")
         .header("te", "trailers");
     if let Some(e) = encoding {
@@ -868,12 +932,28 @@ async fn hand_made_write_and_read_bodies() {
             Code::Internal,
             "failed to decode",
         ),
+        // gRPC's compression specification: a compressed flag without an encoding
+        // MUST be INTERNAL; an encoding we do not take is UNIMPLEMENTED.
         (
             "compressed flag",
             frame(1, &encode(&good)),
             None,
-            Code::Unimplemented,
-            "compressed",
+            Code::Internal,
+            "compressed flag",
+        ),
+        (
+            "compressed flag, identity",
+            frame(1, &encode(&good)),
+            Some("identity"),
+            Code::Internal,
+            "compressed flag",
+        ),
+        (
+            "unknown flag",
+            frame(2, &encode(&good)),
+            None,
+            Code::Internal,
+            "flag",
         ),
         (
             "gzip",
@@ -903,6 +983,20 @@ async fn hand_made_write_and_read_bodies() {
             Code::InvalidArgument,
             "no request",
         ),
+        (
+            "a message after finish_write",
+            [frame(0, &encode(&good)), frame(0, &[])].concat(),
+            None,
+            Code::FailedPrecondition,
+            "finish_write",
+        ),
+        (
+            "a byte after finish_write",
+            [frame(0, &encode(&good)), vec![0]].concat(),
+            None,
+            Code::FailedPrecondition,
+            "finish_write",
+        ),
     ];
     for (what, body, encoding, code, words) in cases {
         let (got, message, _) = raw_call(&ch, "Write", body, encoding).await;
@@ -916,9 +1010,91 @@ async fn hand_made_write_and_read_bodies() {
         resource_name: read_name("", &d),
         ..Default::default()
     });
-    let twice = [frame(0, &req), frame(0, &req)].concat();
-    let (got, message, _) = raw_call(&ch, "Read", twice, None).await;
-    assert_eq!(got, Code::InvalidArgument, "{message}");
+    let qws = encode(&QueryWriteStatusRequest {
+        resource_name: name.clone(),
+    });
+    // The unary methods: what, method, body, grpc-encoding, code, words of the message.
+    type UnaryCase<'a> = (&'a str, &'a str, Vec<u8>, Option<&'a str>, Code, &'a str);
+    let unary_cases: Vec<UnaryCase> = vec![
+        (
+            "twice",
+            "Read",
+            [frame(0, &req), frame(0, &req)].concat(),
+            None,
+            Code::InvalidArgument,
+            "exactly one",
+        ),
+        (
+            "no message",
+            "Read",
+            vec![],
+            None,
+            Code::InvalidArgument,
+            "no ReadRequest",
+        ),
+        (
+            "cut in the prefix",
+            "Read",
+            frame(0, &req)[..3].to_vec(),
+            None,
+            Code::Internal,
+            "ended in the middle",
+        ),
+        (
+            "cut in the message",
+            "Read",
+            frame(0, &req)[..20].to_vec(),
+            None,
+            Code::Internal,
+            "ended in the middle",
+        ),
+        (
+            "cut in the message",
+            "QueryWriteStatus",
+            frame(0, &qws)[..20].to_vec(),
+            None,
+            Code::Internal,
+            "ended in the middle",
+        ),
+        (
+            "compressed flag",
+            "Read",
+            frame(1, &req),
+            None,
+            Code::Internal,
+            "compressed flag",
+        ),
+        (
+            "compressed flag",
+            "QueryWriteStatus",
+            frame(1, &qws),
+            None,
+            Code::Internal,
+            "compressed flag",
+        ),
+        (
+            "gzip",
+            "QueryWriteStatus",
+            frame(0, &qws),
+            Some("gzip"),
+            Code::Unimplemented,
+            "compressed",
+        ),
+    ];
+    for (what, method, body, encoding, code, words) in unary_cases {
+        let (got, message, _) = raw_call(&ch, method, body, encoding).await;
+        assert_eq!(got, code, "{method} {what}: {message}");
+        assert!(message.contains(words), "{method} {what}: {message}");
+    }
+    // The same codes as tonic's generated services give.
+    let cas_path = "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs";
+    let find = encode(&reapi::FindMissingBlobsRequest::default());
+    let (got, message, _) = raw_call_path(&ch, cas_path, frame(1, &find), None).await;
+    assert_eq!(got, Code::Internal, "{message}");
+    let (got, message, _) = raw_call_path(&ch, cas_path, frame(0, &find)[..3].to_vec(), None).await;
+    assert_eq!(got, Code::Internal, "{message}");
+    let (got, message, _) = raw_call_path(&ch, cas_path, frame(0, &find), Some("gzip")).await;
+    assert_eq!(got, Code::Unimplemented, "{message}");
     let (got, message, _) = raw_call(&ch, "Delete", frame(0, &req), None).await;
     assert_eq!(got, Code::Unimplemented, "{message}");
 

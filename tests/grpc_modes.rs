@@ -601,3 +601,46 @@ fn command_line_errors_are_usage_errors() {
 fn is_empty_dir(p: &Path) -> bool {
     std::fs::read_dir(p).unwrap().next().is_none()
 }
+
+/// An instance name that resource names cannot carry (a REAPI keyword as a segment, an
+/// empty segment) would pass start-up and then fail every ByteStream call: it is a
+/// usage error instead, before anything is created.
+#[test]
+fn instance_names_resource_names_cannot_carry_are_refused_at_start() {
+    let repo = tempfile::tempdir().unwrap();
+    let r = repo.path().join("repo");
+    let r = r.to_str().unwrap();
+    for name in [
+        "blobs",
+        "uploads",
+        "compressed-blobs",
+        "actionResults",
+        "ci/blobs",
+        "uploads/main",
+        "/ci",
+        "ci/",
+        "a//b",
+    ] {
+        for args in [
+            vec!["serve", "--port", "0", "--instance-name", name, r],
+            vec![
+                "--port",
+                "0",
+                "--instance-name",
+                "ok",
+                "--instance-name",
+                name,
+                r,
+            ],
+        ] {
+            let (status, stderr) = run_cli(&args);
+            assert_eq!(status.code(), Some(2), "{args:?}: {stderr}");
+            assert!(stderr.contains("--instance-name"), "{args:?}: {stderr}");
+            assert!(
+                stderr.contains("reserve") || stderr.contains("'/'"),
+                "{args:?}: {stderr}"
+            );
+        }
+    }
+    assert!(!repo.path().join("repo").exists());
+}

@@ -4,8 +4,9 @@
 //! Status codes (see docs/protocol.md):
 //! - malformed names, unknown instances, data that contradicts the digest in the name
 //!   (wrong hash, too few or too many bytes): INVALID_ARGUMENT;
-//! - a stream that breaks the write protocol (wrong `write_offset`, a changed
-//!   `resource_name`, no `finish_write`): FAILED_PRECONDITION;
+//! - a stream that breaks the write protocol (wrong `write_offset`, a rewind included, a
+//!   changed `resource_name`, no `finish_write`, anything after `finish_write`):
+//!   FAILED_PRECONDITION;
 //! - `read_offset`/`read_limit` outside the blob: OUT_OF_RANGE.
 
 use super::grpc_http::{
@@ -38,6 +39,11 @@ const WRITE_QUEUE: usize = 1;
 /// stored as it is and the buffer goes back to the shared set. A fast client fills one
 /// in about a millisecond; a slow or stalled one cannot keep a buffer from the others.
 const HOLD_LIMIT: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// How long the request body may take to end after the message with `finish_write`.
+/// Clients half-close with or right after that message, so this is no delay for them;
+/// it bounds the wait for one that keeps its side open until it has the response.
+const FINISH_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 const SERVICE: &str = "google.bytestream.ByteStream";
 
@@ -222,10 +228,12 @@ impl Started {
 }
 
 /// The codes tonic gives for the same faults in other services (docs/protocol.md):
-/// bytes that are not a message are INTERNAL, as gRPC's status code specification has it.
+/// bytes that are not a message are INTERNAL, as gRPC's status code specification has it,
+/// and so is a compressed flag without an encoding, as gRPC's compression specification
+/// requires.
 fn decode_status(e: DecodeError) -> Status {
     match e {
-        DecodeError::Compressed => Status::unimplemented(e.to_string()),
+        DecodeError::Compressed => Status::internal(e.to_string()),
         DecodeError::Malformed(_) | DecodeError::Truncated => {
             Status::internal(format!("failed to decode Protobuf message: {e}"))
         }
@@ -314,6 +322,11 @@ impl ByteStreamService {
                         }
                         match &mut started {
                             Some(upload) => {
+                                if received > upload.digest.size() {
+                                    // More bytes than the blob has: a client that rewound
+                                    // and resends breaks the protocol, whatever its data.
+                                    check_offset(decoder.write_offset(), message_start)?;
+                                }
                                 check_overrun(&upload.digest, received)?;
                                 upload.accept(&piece).await?;
                             }
@@ -344,18 +357,15 @@ impl ByteStreamService {
                                 "resource_name changed in the middle of a Write stream",
                             ));
                         }
-                        if header.write_offset != message_start as i64 {
-                            return Err(Status::failed_precondition(format!(
-                                "write_offset {} does not match the {message_start} bytes \
-                                 received before it",
-                                header.write_offset,
-                            )));
-                        }
+                        check_offset(header.write_offset, message_start)?;
                         message_start = received;
                         upload.progress.progress(received);
                         if header.finish_write {
                             upload.flush().await?;
-                            return started.take().expect("started above").commit().await;
+                            let upload = started.take().expect("started above");
+                            // Nothing is committed unless the stream really ends here.
+                            body_ends_after_finish_write(&mut body, &data).await?;
+                            return upload.commit().await;
                         }
                     }
                 }
@@ -455,6 +465,41 @@ async fn next_frame(
             "the Write stream sent nothing for {idle:?} and was abandoned"
         ))
     })
+}
+
+fn check_offset(write_offset: i64, received_before: u64) -> Result<(), Status> {
+    if write_offset != received_before as i64 {
+        return Err(Status::failed_precondition(format!(
+            "write_offset {write_offset} does not match the {received_before} bytes received \
+             before it"
+        )));
+    }
+    Ok(())
+}
+
+/// The ByteStream contract makes any request after the one with `finish_write` an error:
+/// `rest` (what followed that message in its frame) and the remainder of the body must be
+/// empty. A body still open after [`FINISH_GRACE`] counts as ended.
+async fn body_ends_after_finish_write(body: &mut Body, rest: &Bytes) -> Result<(), Status> {
+    let after = || {
+        Status::failed_precondition(
+            "the Write stream carried more after the WriteRequest with finish_write",
+        )
+    };
+    if !rest.is_empty() {
+        return Err(after());
+    }
+    let deadline = tokio::time::Instant::now() + FINISH_GRACE;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) | Ok(None) => return Ok(()),
+            Ok(Some(frame)) => frame?,
+        };
+        match frame.into_data() {
+            Ok(data) if !data.is_empty() => return Err(after()),
+            _ => {} // an empty frame, or trailers
+        }
+    }
 }
 
 fn check_overrun(digest: &Digest, received: u64) -> Result<(), Status> {

@@ -48,24 +48,53 @@ pub async fn unary_request<M: prost::Message + Default>(
         }
         buf.extend_from_slice(&data);
     }
-    if buf.len() < 5 {
-        return Err(Status::invalid_argument(format!(
-            "the request carried no {what}"
-        )));
+    // INTERNAL for a body that is not a message, as tonic answers (and gRPC's status code
+    // specification has it).
+    let truncated = || {
+        Status::internal(format!(
+            "failed to decode Protobuf message: the request body ended in the middle of a {what}"
+        ))
+    };
+    match buf.len() {
+        0 => {
+            return Err(Status::invalid_argument(format!(
+                "the request carried no {what}"
+            )))
+        }
+        1..5 => return Err(truncated()),
+        _ => {}
     }
-    if buf[0] & 1 != 0 {
-        return Err(Status::unimplemented(
-            "the message is compressed, and this server takes no compressed messages",
-        ));
+    match buf[0] {
+        0 => {}
+        // check_encoding has refused every grpc-encoding but identity, and gRPC's
+        // compression specification requires INTERNAL for a compressed flag without one.
+        1 => {
+            return Err(Status::internal(
+                "protocol error: the message has the compressed flag set but the request \
+                 has no grpc-encoding",
+            ))
+        }
+        _ => {
+            return Err(Status::internal(format!(
+                "failed to decode Protobuf message: unknown gRPC message flag in a {what}"
+            )))
+        }
     }
     let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-    if buf.len() != 5 + len {
-        return Err(Status::invalid_argument(format!(
-            "a unary call must carry exactly one {what} ({} bytes after a {len}-byte message)",
-            buf.len() as i64 - 5 - len as i64
+    if len > MAX_MESSAGE_BYTES {
+        return Err(Status::out_of_range(format!(
+            "{what} is larger than the {MAX_MESSAGE_BYTES} bytes allowed"
         )));
     }
-    // INTERNAL, as tonic answers (and gRPC's status code specification has it).
+    if buf.len() < 5 + len {
+        return Err(truncated());
+    }
+    if buf.len() > 5 + len {
+        return Err(Status::invalid_argument(format!(
+            "a unary call must carry exactly one {what} ({} bytes after a {len}-byte message)",
+            buf.len() - 5 - len
+        )));
+    }
     M::decode(&buf[5..])
         .map_err(|e| Status::internal(format!("failed to decode Protobuf message: {what}: {e}")))
 }

@@ -6,6 +6,7 @@ pub mod bytestream;
 pub mod capabilities;
 pub mod cas;
 pub mod grpc_http;
+pub mod http_guard;
 pub mod read_body;
 pub mod resource_name;
 pub mod upload_buffers;

@@ -5,6 +5,9 @@
 //!
 //! REAPI reserves the segments `blobs`, `uploads`, `compressed-blobs`, so the first of
 //! them ends the instance name.
+//!
+//! An instance name has no empty segment: `/blobs/...` is not the empty instance's
+//! name said another way but a malformed one, and so is `a//b/blobs/...`.
 
 use crate::storage::digest::{truncate_for_message, Digest};
 use tonic::Status;
@@ -27,6 +30,50 @@ fn compressed(name: &str) -> Status {
         name,
         "compressed-blobs are not supported (this server advertises no compressors)",
     )
+}
+
+/// Segments REAPI forbids in an instance name, so that resource names parse.
+const KEYWORDS: [&str; 7] = [
+    "blobs",
+    "uploads",
+    "actions",
+    "actionResults",
+    "operations",
+    "capabilities",
+    "compressed-blobs",
+];
+
+/// Checks an instance name given on the command line: one that resource names could
+/// not carry would be accepted at start-up and then fail every ByteStream call.
+pub fn check_instance_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Ok(());
+    }
+    for seg in name.split('/') {
+        if seg.is_empty() {
+            return Err("an instance name must not start or end with '/' or contain '//'".into());
+        }
+        if KEYWORDS.contains(&seg) {
+            return Err(format!(
+                "{seg:?} cannot be a segment of an instance name: REAPI reserves it for \
+                 resource names (reserved: {})",
+                KEYWORDS.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The instance name: the segments before the first keyword, none of them empty.
+fn instance_of(name: &str, segs: &[&str], keyword_at: usize) -> Result<String, Status> {
+    let instance = &segs[..keyword_at];
+    if instance.iter().any(|s| s.is_empty()) {
+        return Err(invalid(
+            name,
+            "empty segment in the instance name (a leading '/' or a '//')",
+        ));
+    }
+    Ok(instance.join("/"))
 }
 
 fn digest_at(name: &str, segs: &[&str], at: usize) -> Result<Digest, Status> {
@@ -53,7 +100,7 @@ pub fn parse_read(name: &str) -> Result<ResourceName, Status> {
         return Err(invalid(name, "expected [instance/]blobs/<hash>/<size>"));
     }
     Ok(ResourceName {
-        instance: segs[..i].join("/"),
+        instance: instance_of(name, &segs, i)?,
         digest: digest_at(name, &segs, i + 1)?,
     })
 }
@@ -96,7 +143,7 @@ pub fn parse_write(name: &str) -> Result<ResourceName, Status> {
         }
     }
     Ok(ResourceName {
-        instance: segs[..i].join("/"),
+        instance: instance_of(name, &segs, i)?,
         digest: digest_at(name, &segs, blobs_at + 1)?,
     })
 }
@@ -122,6 +169,11 @@ mod tests {
             format!("compressed-blobs/zstd/{EMPTY_SHA256}/0"),
             "blobs/../../../etc/passwd/0".into(),
             format!("uploads/u/blobs/{EMPTY_SHA256}/0"),
+            format!("/blobs/{EMPTY_SHA256}/0"),
+            format!("//blobs/{EMPTY_SHA256}/0"),
+            format!("/a/blobs/{EMPTY_SHA256}/0"),
+            format!("a//b/blobs/{EMPTY_SHA256}/0"),
+            format!("a/b//blobs/{EMPTY_SHA256}/0"),
         ] {
             let e = parse_read(&bad).unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad}");
@@ -147,9 +199,33 @@ mod tests {
             format!("uploads/{u}/compressed-blobs/zstd/{EMPTY_SHA256}/0"),
             format!("uploads/{u}/blobs/{}/0", &EMPTY_SHA256[1..]),
             format!("uploads/{u}/blobs/{EMPTY_SHA256}"),
+            format!("/uploads/{u}/blobs/{EMPTY_SHA256}/0"),
+            format!("a//uploads/{u}/blobs/{EMPTY_SHA256}/0"),
         ] {
             let e = parse_write(&bad).unwrap_err();
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad}");
+        }
+    }
+
+    #[test]
+    fn instance_names_for_the_command_line() {
+        for good in ["", "foo", "a/b", "blobs2", "my-uploads", "Blobs"] {
+            assert_eq!(check_instance_name(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "blobs",
+            "uploads",
+            "compressed-blobs",
+            "actionResults",
+            "a/blobs",
+            "uploads/x",
+            "a/operations/b",
+            "/a",
+            "a/",
+            "a//b",
+            "/",
+        ] {
+            assert!(check_instance_name(bad).is_err(), "{bad}");
         }
     }
 }

@@ -42,7 +42,8 @@ pub enum Event {
 /// Why a request body could not be decoded; every case is the client's fault.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
-    #[error("the message is compressed, and this server takes no compressed messages")]
+    /// Only reachable without a `grpc-encoding` (any other is refused before decoding).
+    #[error("protocol error: a message has the compressed flag set but the request has no grpc-encoding")]
     Compressed,
     #[error("malformed WriteRequest: {0}")]
     Malformed(&'static str),
@@ -114,8 +115,10 @@ impl WriteDecoder {
                 if *have < 5 {
                     return Ok(None);
                 }
-                if buf[0] & 1 != 0 {
-                    return Err(DecodeError::Compressed);
+                match buf[0] {
+                    0 => {}
+                    1 => return Err(DecodeError::Compressed),
+                    _ => return Err(DecodeError::Malformed("unknown gRPC message flag")),
                 }
                 self.msg_left = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as u64;
                 self.state = State::Key;
@@ -264,6 +267,12 @@ impl WriteDecoder {
         &self.header.resource_name
     }
 
+    /// The current message's `write_offset` as decoded so far: protobuf's default, 0,
+    /// until the field comes (every encoder we know puts it before the data).
+    pub fn write_offset(&self) -> i64 {
+        self.header.write_offset
+    }
+
     /// Whether the body may end here: between messages.
     pub fn at_boundary(&self) -> bool {
         matches!(self.state, State::Prefix { have: 0, .. })
@@ -396,6 +405,10 @@ mod tests {
     fn malformed_bodies_are_refused() {
         let bad = |body: Vec<u8>| decode(&body, 4).unwrap_err();
         assert_eq!(bad(vec![1, 0, 0, 0, 0]), DecodeError::Compressed);
+        assert!(matches!(
+            bad(vec![2, 0, 0, 0, 0]),
+            DecodeError::Malformed(_)
+        ));
         assert_eq!(bad(vec![0, 0, 0, 0, 9, 0x52]), DecodeError::Truncated);
         // A data field longer than its message.
         assert!(matches!(
