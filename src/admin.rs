@@ -126,6 +126,8 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
         cas.quarantine(d, "verify: content does not match its name");
         println!("corrupt blob {d}: quarantined");
     }
+    // A damaged empty blob was just moved aside; every repository holds a good one.
+    cas.ensure_empty_blob();
     let dangling = dangling_assets(&cas, &assets);
     for (path, why) in &dangling {
         println!("dangling asset entry {}: {why}", path.display());
