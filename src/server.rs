@@ -92,6 +92,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         assets,
         cas: cas.clone(),
         config: config.clone(),
+        require_content: args.require_asset_content,
     };
     let mut router = Server::builder()
         .initial_stream_window_size(Some(STREAM_WINDOW))
