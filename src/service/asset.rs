@@ -24,6 +24,10 @@ use ra::push_server::Push;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
+/// How long after refusing an upload for lack of space the server treats every
+/// incomplete asset push as a failed upload rather than an index entry (ADR 0007).
+const SPACE_REFUSAL_MEMORY: std::time::Duration = std::time::Duration::from_secs(600);
+
 #[derive(Clone)]
 pub struct AssetService {
     pub assets: Arc<AssetStore>,
@@ -165,7 +169,13 @@ impl AssetService {
                 None => true,
                 // The asset's own blob (or root directory) is where a client storing the
                 // content here starts; without it, nothing says the content belongs here.
-                Some(cas) if !require_content && !cas.contains(&digest) => {
+                // Unless uploads were just refused for lack of space: BuildStream pushes
+                // the asset even then, and its content may be exactly what was refused.
+                Some(cas)
+                    if !require_content
+                        && !cas.refused_space_within(SPACE_REFUSAL_MEMORY)
+                        && !cas.contains(&digest) =>
+                {
                     tracing::info!(
                         uris = ?uris,
                         %digest,

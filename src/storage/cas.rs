@@ -128,6 +128,9 @@ pub struct CasStore {
     anonymous_temporaries: bool,
     /// Objects already checked against their digest by this process.
     verified: Arc<VerifiedSet>,
+    /// When this process last refused an upload for lack of space (seconds since the
+    /// epoch, 0 for never): the asset policy of docs/adr/0007 needs to know.
+    space_refused_at: AtomicU64,
 }
 
 impl CasStore {
@@ -164,6 +167,7 @@ impl CasStore {
             existence: ExistenceCache::default(),
             anonymous_temporaries: false,
             verified: Arc::default(),
+            space_refused_at: AtomicU64::new(0),
         };
         store.remove_stale_temporaries();
         store.ensure_empty_blob();
@@ -173,6 +177,24 @@ impl CasStore {
             anonymous_temporaries,
             ..store
         })
+    }
+
+    fn note_space_refusal(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.space_refused_at
+            .store(now.as_secs(), Ordering::Relaxed);
+    }
+
+    /// Whether this process refused an upload for lack of space within `window`.
+    pub fn refused_space_within(&self, window: Duration) -> bool {
+        let at = self.space_refused_at.load(Ordering::Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        at != 0 && now.saturating_sub(at) <= window.as_secs()
     }
 
     /// For tools that inspect the store: looking must not make objects look recently used.
@@ -631,6 +653,7 @@ impl CasStore {
         } else {
             if let Some(q) = self.policy.quota {
                 if digest.size() > q {
+                    self.note_space_refusal();
                     return Err(CasError::TooLarge {
                         digest: digest.to_string(),
                         size: digest.size(),
@@ -638,7 +661,11 @@ impl CasStore {
                     });
                 }
             }
-            self.make_room(digest.size())?;
+            self.make_room(digest.size()).inspect_err(|e| {
+                if e.is_out_of_space() {
+                    self.note_space_refusal();
+                }
+            })?;
             // Counted from now on, so concurrent uploads cannot overshoot the quota
             // together and eviction knows about space that is spoken for.
             let reservation = Reservation::new(self, digest.size());
