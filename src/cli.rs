@@ -62,6 +62,13 @@ pub struct ServeArgs {
     #[arg(long)]
     pub index_only: bool,
 
+    /// Refuse Remote Asset pushes (FAILED_PRECONDITION) unless everything they reference
+    /// is stored here. By default a push none of whose content is stored here is recorded
+    /// as an index entry for content stored elsewhere, as a split set-up's index needs
+    /// (docs/adr/0007).
+    #[arg(long, conflicts_with = "index_only")]
+    pub require_asset_content: bool,
+
     /// Private server key for TLS (PEM). Enables TLS, together with --server-cert.
     #[arg(long, value_name = "FILE")]
     pub server_key: Option<PathBuf>,

@@ -111,6 +111,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         assets,
         cas: cas.clone(),
         config: config.clone(),
+        require_content: args.require_asset_content,
     };
     let limits = ClientLimits::new(args.max_client_requests, crate::client_limit::QUEUE_WAIT);
     let mut router = Server::builder()

@@ -399,19 +399,15 @@ fn read_only_server_refuses_pushes_but_serves_pulls() {
     assert_eq!(cas_object_count(&repo), objects);
 }
 
-/// d) Index and storage on separate servers (`--index-only` plus a CAS server with
-/// different REPOs), configured as `type: index` and `type: storage`.
-#[test]
-fn split_index_and_storage_servers() {
+/// d) Index and storage on separate servers with their own REPOs, configured as
+/// `type: index` and `type: storage`: artifacts and sources are pushed through both and
+/// pulled back by fresh clients. The index holds only asset entries, the storage only
+/// blobs.
+fn split_index_and_storage(tag: &str, index_args: &[&str]) {
     let Some(bst) = find_bst() else { return };
-    let project = Project::new("split");
+    let project = Project::new(tag);
     let (index_repo, storage_repo) = (project.root.join("index"), project.root.join("storage"));
-    let index = start_server(
-        &project,
-        "index",
-        &index_repo,
-        &["--index-only", "--enable-push"],
-    );
+    let index = start_server(&project, "index", &index_repo, index_args);
     let storage = start_server(&project, "storage", &storage_repo, &["--enable-push"]);
     let remotes = |push: bool| {
         [
@@ -432,8 +428,18 @@ fn split_index_and_storage_servers() {
         .assert_contains("Pushed artifact")
         .assert_contains(&format!("-> {}", index.url()))
         .assert_contains(&format!("-> {}", storage.url()));
+    let artifact_entries = asset_count(&index_repo);
+    assert!(artifact_entries >= 4);
+
+    let pusher = project.client("src-pusher", &[], &remotes(true));
+    let push = pusher.run(&bst, &["source", "push", "--deps", "all", "compose.bst"]);
+    push.assert_success()
+        .assert_remotes_ok()
+        .assert_queue("Src-push", 3, 0, 0);
+    assert!(push.count("INFO    Pushed source") >= 2, "{}", push.output);
+    assert!(asset_count(&index_repo) >= artifact_entries + 4);
+
     // The index holds only asset entries, the storage only blobs.
-    assert!(asset_count(&index_repo) >= 4);
     assert_eq!(cas_object_count(&index_repo), 0);
     assert!(repo_has_blob(&storage_repo, &project.big_sha256));
     assert_eq!(asset_count(&storage_repo), 0);
@@ -469,4 +475,45 @@ fn split_index_and_storage_servers() {
         &project.expected_compose,
     );
     assert_no_upstream_download(&project, &puller);
+
+    let fetcher = project.client("src-fetcher", &[], &remotes(false));
+    let fetch = fetcher.run(&bst, &["source", "fetch", "--deps", "all", "compose.bst"]);
+    fetch
+        .assert_success()
+        .assert_remotes_ok()
+        .assert_queue("Fetch", 3, 0, 0);
+    assert!(
+        fetch.count("INFO    Pulled source") >= 2,
+        "{}",
+        fetch.output
+    );
+    let sources = project.root.join("source-checkout");
+    fetcher
+        .run(
+            &bst,
+            &[
+                "source",
+                "checkout",
+                "--directory",
+                sources.to_str().unwrap(),
+                "base.bst",
+            ],
+        )
+        .assert_success()
+        .assert_remotes_ok();
+    assert_same_tree(&project.pkg.tree, &sources.join("base"));
+    assert_no_upstream_download(&project, &fetcher);
+}
+
+/// d1) The index is an `--index-only` server.
+#[test]
+fn split_index_and_storage_servers() {
+    split_index_and_storage("split", &["--index-only", "--enable-push"]);
+}
+
+/// d2) The index is a full server, as in BuildStream's own `test_source_push_split`: it
+/// records entries for content it does not hold (ADR 0007).
+#[test]
+fn split_with_a_full_server_as_index() {
+    split_index_and_storage("split-full", &["--enable-push"]);
 }

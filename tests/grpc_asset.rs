@@ -411,8 +411,10 @@ fn tree(seed: u64) -> Tree {
     Tree { f1, f2, sub, root }
 }
 
+/// An asset whose own blob (or root directory) was uploaded here must have all of its
+/// closure here: anything missing is an incomplete upload (ADR 0007).
 #[tokio::test(flavor = "multi_thread")]
-async fn pushes_referencing_missing_content_are_failed_precondition() {
+async fn pushes_of_content_stored_here_but_incomplete_are_failed_precondition() {
     let (repo, server) = push_server();
     let ch = server.channel().await;
     let t = tree(80);
@@ -431,7 +433,8 @@ async fn pushes_referencing_missing_content_are_failed_precondition() {
         let ch = ch.clone();
         let (blob_req, dir_req) = (blob_push(), push_dir_req(&["urn:source"], &root));
         async move {
-            assert_code(push_blob(&ch, blob_req).await, Code::FailedPrecondition);
+            let s = assert_code(push_blob(&ch, blob_req).await, Code::FailedPrecondition);
+            assert!(s.message().contains("is not stored"), "{}", s.message());
             assert_code(push_dir(&ch, dir_req).await, Code::FailedPrecondition);
             assert_code(
                 fetch_blob(&ch, &["urn:artifact"], &[]).await,
@@ -440,13 +443,11 @@ async fn pushes_referencing_missing_content_are_failed_precondition() {
             assert_code(fetch_dir(&ch, &["urn:source"], &[]).await, Code::NotFound);
         }
     };
-    // Nothing stored at all.
+    // The artifact blob and the tree's root, but nothing they reference.
+    upload(&ch, &[&artifact, &t.root]).await;
     check_refused().await;
-    // The artifact blob, but not what it references.
-    upload(&ch, &[&artifact]).await;
-    check_refused().await;
-    // The referenced blob, and the tree's root only.
-    upload(&ch, &[&meta, &t.root, &t.f1]).await;
+    // The referenced blob, and a file of the root.
+    upload(&ch, &[&meta, &t.f1]).await;
     check_refused().await;
     // The whole directory structure, but one file in a subdirectory is missing.
     upload(&ch, &[&t.sub]).await;
@@ -474,6 +475,80 @@ async fn pushes_referencing_missing_content_are_failed_precondition() {
     r.references_blobs = vec![other];
     assert_code(push_dir(&ch, r).await, Code::FailedPrecondition);
     assert_code(fetch_dir(&ch, &["urn:source2"], &[]).await, Code::NotFound);
+}
+
+/// A push none of whose content is here is the index of a split set-up (BuildStream's
+/// `type: index` remote): recorded and served unchecked, kept by `gc`; refused with
+/// `--require-asset-content` (ADR 0007).
+#[tokio::test(flavor = "multi_thread")]
+async fn pushes_of_content_stored_elsewhere_are_index_entries() {
+    let (repo, server) = push_server();
+    let ch = server.channel().await;
+    let t = tree(85);
+    let artifact = pseudo_random(95, 300);
+    let (root, art) = (digest(&t.root), digest(&artifact));
+    let blob_push = |uri: &str| {
+        let mut r = push_blob_req(&[uri], &art);
+        r.references_directories = vec![root.clone()];
+        r
+    };
+    push_blob(&ch, blob_push("urn:artifact")).await.unwrap();
+    push_dir(&ch, push_dir_req(&["urn:source"], &root))
+        .await
+        .unwrap();
+    let r = fetch_blob(&ch, &["urn:artifact"], &[]).await.unwrap();
+    assert_eq!(r.blob_digest, Some(art.clone()));
+    let r = fetch_dir(&ch, &["urn:source"], &[]).await.unwrap();
+    assert_eq!(r.root_directory_digest, Some(root.clone()));
+    // Nothing was stored in the CAS on the way.
+    let both = [art.clone(), root.clone()];
+    assert_eq!(find_missing(&ch, &both).await.unwrap(), both);
+
+    // `gc` cannot judge content stored elsewhere, so it keeps the entries.
+    drop(server);
+    let gc = std::process::Command::new(common::BIN)
+        .arg("gc")
+        .arg(repo.path())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&gc.stdout);
+    assert!(
+        gc.status.success() && out.contains("removed 0 dangling"),
+        "{out}"
+    );
+    assert_eq!(asset_files(repo.path()).len(), 2);
+    let server = Server::start(repo.path(), &["--enable-push"]);
+    let ch = server.channel().await;
+    fetch_blob(&ch, &["urn:artifact"], &[]).await.unwrap();
+
+    // Pushed again with its content here, the entry is checked like any other.
+    upload(&ch, &[&t.f1, &t.f2, &t.sub, &t.root, &artifact]).await;
+    push_blob(&ch, blob_push("urn:artifact")).await.unwrap();
+    std::fs::remove_file(blob_path(repo.path(), &sha256_hex(&t.f2))).unwrap();
+    assert_code(
+        fetch_blob(&ch, &["urn:artifact"], &[]).await,
+        Code::NotFound,
+    );
+    drop(server);
+
+    // A server that must never be such an index refuses them.
+    let strict = tempfile::tempdir().unwrap();
+    let server = Server::start(strict.path(), &["--enable-push", "--require-asset-content"]);
+    let ch = server.channel().await;
+    let s = assert_code(
+        push_blob(&ch, blob_push("urn:artifact")).await,
+        Code::FailedPrecondition,
+    );
+    assert!(s.message().contains(&art.hash), "{}", s.message());
+    assert_code(
+        push_dir(&ch, push_dir_req(&["urn:source"], &root)).await,
+        Code::FailedPrecondition,
+    );
+    assert_code(
+        fetch_blob(&ch, &["urn:artifact"], &[]).await,
+        Code::NotFound,
+    );
+    assert!(asset_files(strict.path()).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -779,3 +779,65 @@ async fn find_missing_sees_an_object_removed_by_hand() {
         .filter(|d| d.hash[..2] != digests[3].hash[..2] && d.hash != digests[7].hash)
         .all(|d| !missing.contains(d)));
 }
+
+/// buildbox-casd serving a repository in place, and BuildStream's test-suite, read
+/// `cas/objects` directly: the empty blob must be a file there, whatever happens to it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_empty_blob_is_a_file_in_every_repository() {
+    let (repo, server) = push_server();
+    let ch = server.channel().await;
+    let path = blob_path(repo.path(), EMPTY_SHA256);
+    let is_empty_file = || std::fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == 0);
+    assert!(
+        is_empty_file(),
+        "not created when the repository was opened"
+    );
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o222,
+        0,
+        "objects are read-only"
+    );
+
+    // Removed under the running server with nobody asking for it: back shortly.
+    std::fs::remove_dir_all(repo.path().join("cas/objects")).unwrap();
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    while !is_empty_file() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the empty blob was not recreated"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Asked for: back at once.
+    std::fs::remove_file(&path).unwrap();
+    assert!(find_missing(&ch, &[digest(b"")]).await.unwrap().is_empty());
+    assert!(is_empty_file());
+
+    // Eviction of everything else keeps it; verify puts it back.
+    let old = pseudo_random(40, 3000);
+    upload(&ch, &[&old]).await;
+    drop(server);
+    let admin = |args: &[&str]| {
+        let out = std::process::Command::new(common::BIN)
+            .args(args)
+            .arg(repo.path())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{args:?}: {text}");
+        text
+    };
+    admin(&["gc", "--quota", "1", "--quota-low", "0"]);
+    assert!(!blob_path(repo.path(), &sha256_hex(&old)).exists());
+    assert!(is_empty_file(), "gc evicted the empty blob");
+    let stats = admin(&["stats"]);
+    assert!(stats.contains("objects: 1\n"), "{stats}");
+    assert!(stats.contains("bytes: 0\n"), "{stats}");
+    std::fs::remove_file(&path).unwrap();
+    admin(&["verify"]);
+    assert!(is_empty_file(), "verify did not restore the empty blob");
+}

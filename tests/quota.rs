@@ -244,3 +244,34 @@ async fn an_asset_whose_content_was_evicted_is_not_found() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }
+
+/// BuildStream pushes an artifact's asset even after its blob uploads were refused for
+/// space. Right after such a refusal an incomplete asset push is that failed upload, not
+/// a split set-up's index entry (ADR 0007), and is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_refusing_space_incomplete_asset_pushes_are_refused() {
+    let repo = tempfile::tempdir().unwrap();
+    let server = Server::start(repo.path(), &quota_args("150000", "100000"));
+    let channel = server.channel().await;
+    let mut cas = ContentAddressableStorageClient::new(channel.clone());
+    let mut push = ra::push_client::PushClient::new(channel.clone());
+    let big = blob(41, 200_000);
+    let artifact = blob(42, 1000);
+    let request = ra::PushBlobRequest {
+        uris: vec!["urn:test:big".into()],
+        blob_digest: Some(artifact.0.clone()),
+        references_blobs: vec![big.0.clone()],
+        ..Default::default()
+    };
+    // Nothing refused yet: an index entry for content stored elsewhere.
+    push.push_blob(request.clone()).await.unwrap();
+    assert_ne!(upload(&mut cas, &big).await, 0);
+    let err = push
+        .push_blob(ra::PushBlobRequest {
+            uris: vec!["urn:test:big2".into()],
+            ..request
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+}

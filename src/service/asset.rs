@@ -1,8 +1,14 @@
 //! Remote Asset v1 Fetch and Push over the asset index.
 //!
-//! With a CAS on this server, a push is refused (FAILED_PRECONDITION) unless its whole
-//! closure is stored, and a fetch whose closure has gone missing answers NOT_FOUND rather
-//! than pointing the client at holes. In `--index-only` mode there is no CAS to check.
+//! The asset-integrity policy (docs/adr/0007): with a CAS on this server, a push whose
+//! closure is stored here is recorded as checked, and a fetch of it answers NOT_FOUND
+//! once any of its closure has gone, rather than pointing the client at holes. A push
+//! whose own blob or root directory is stored here but whose closure is not is refused
+//! (FAILED_PRECONDITION): the client stores this asset's content here, so some of it is
+//! missing. A push whose blob or root directory is not stored here either is an index
+//! entry for content stored elsewhere (a split set-up): recorded unchecked, unless
+//! `--require-asset-content` asks for FAILED_PRECONDITION. Without a CAS
+//! (`--index-only`) every entry is an index entry.
 
 use super::{blocking, cas_status, check_digest_function, digest_arg, tree_status, ServiceConfig};
 use crate::storage::asset::{AssetEntry, AssetKind, AssetStore, Qualifiers};
@@ -18,12 +24,19 @@ use ra::push_server::Push;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
+/// How long after refusing an upload for lack of space the server treats every
+/// incomplete asset push as a failed upload rather than an index entry (ADR 0007).
+const SPACE_REFUSAL_MEMORY: std::time::Duration = std::time::Duration::from_secs(600);
+
 #[derive(Clone)]
 pub struct AssetService {
     pub assets: Arc<AssetStore>,
     /// `None` in `--index-only` mode.
     pub cas: Option<Arc<CasStore>>,
     pub config: ServiceConfig,
+    /// Refuse pushes whose content is not stored here even when none of it is (no
+    /// index entries for content stored elsewhere).
+    pub require_content: bool,
 }
 
 fn rpc_name(kind: AssetKind, push: bool) -> &'static str {
@@ -91,7 +104,7 @@ impl AssetService {
                 if entry.is_expired(now) {
                     continue;
                 }
-                if let Some(cas) = &cas {
+                if let Some(cas) = cas.as_ref().filter(|_| !entry.content_elsewhere) {
                     let unusable = match entry_missing_content(cas, kind, &entry) {
                         Ok(missing) => missing.map(|d| {
                             format!("the content it references is no longer stored (first missing: {d})")
@@ -150,22 +163,43 @@ impl AssetService {
         let references_directories = parse_all(references_directories, "references_directories")?;
         let assets = self.assets.clone();
         let cas = self.cas.clone();
+        let require_content = self.require_content;
         blocking(move || {
-            if let Some(cas) = &cas {
-                if let Some(missing) = first_missing_in_closure(
-                    cas,
-                    kind,
-                    &digest,
-                    &references_blobs,
-                    &references_directories,
-                )
-                .map_err(tree_status)?
+            let content_elsewhere = match &cas {
+                None => true,
+                // The asset's own blob (or root directory) is where a client storing the
+                // content here starts; without it, nothing says the content belongs here.
+                // Unless uploads were just refused for lack of space: BuildStream pushes
+                // the asset even then, and its content may be exactly what was refused.
+                Some(cas)
+                    if !require_content
+                        && !cas.refused_space_within(SPACE_REFUSAL_MEMORY)
+                        && !cas.contains(&digest) =>
                 {
-                    return Err(Status::failed_precondition(format!(
-                        "{name}: referenced content {missing} is not stored; upload it before pushing the asset"
-                    )));
+                    tracing::info!(
+                        uris = ?uris,
+                        %digest,
+                        "{name}: content not stored here; recording an index entry"
+                    );
+                    true
                 }
-            }
+                Some(cas) => {
+                    if let Some(missing) = first_missing_in_closure(
+                        cas,
+                        kind,
+                        &digest,
+                        &references_blobs,
+                        &references_directories,
+                    )
+                    .map_err(tree_status)?
+                    {
+                        return Err(Status::failed_precondition(format!(
+                            "{name}: referenced content {missing} is not stored; upload it before pushing the asset"
+                        )));
+                    }
+                    false
+                }
+            };
             for uri in uris {
                 let entry = AssetEntry {
                     uri,
@@ -174,6 +208,7 @@ impl AssetService {
                     digest: digest.clone(),
                     references_blobs: references_blobs.clone(),
                     references_directories: references_directories.clone(),
+                    content_elsewhere,
                 };
                 assets
                     .put(kind, &entry)

@@ -7,8 +7,10 @@
 //! ".../FetchBlobResponse" (or FetchDirectoryResponse), value: Response}`.
 //!
 //! We also record the pushed `references_blobs` / `references_directories` in extra fields
-//! (16, 17) of that Any message. casd's parser keeps them as unknown fields, so the file
-//! stays casd-compatible, and we can check and refresh an asset's whole closure.
+//! (16, 17) of that Any message, and in field 18 whether the content was stored elsewhere
+//! when the entry was pushed (docs/adr/0007). casd's parser keeps them as unknown fields,
+//! so the file stays casd-compatible, and we can check and refresh an asset's whole
+//! closure.
 
 use super::cas::rename_into_place;
 use super::digest::Digest;
@@ -90,6 +92,9 @@ pub struct AssetEntry {
     pub digest: Digest,
     pub references_blobs: Vec<Digest>,
     pub references_directories: Vec<Digest>,
+    /// The content was not stored here when the entry was pushed (this server is the
+    /// index of a split set-up, or `--index-only`): a fetch cannot check it here.
+    pub content_elsewhere: bool,
 }
 
 impl AssetEntry {
@@ -120,6 +125,8 @@ struct StoredEntry {
     references_blobs: Vec<reapi::Digest>,
     #[prost(message, repeated, tag = "17")]
     references_directories: Vec<reapi::Digest>,
+    #[prost(bool, tag = "18")]
+    content_elsewhere: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -308,6 +315,7 @@ fn encode_entry(kind: AssetKind, e: &AssetEntry) -> Vec<u8> {
             .iter()
             .map(Digest::to_proto)
             .collect(),
+        content_elsewhere: e.content_elsewhere,
     }
     .encode_to_vec()
 }
@@ -345,6 +353,7 @@ fn decode_entry(kind: AssetKind, bytes: &[u8]) -> Result<AssetEntry, String> {
         digest: Digest::from_proto(digest.as_ref()).map_err(|e| e.to_string())?,
         references_blobs: digests(&stored.references_blobs)?,
         references_directories: digests(&stored.references_directories)?,
+        content_elsewhere: stored.content_elsewhere,
     })
 }
 
@@ -399,6 +408,7 @@ mod tests {
             digest: Digest::of_bytes(b"one"),
             references_blobs: vec![Digest::of_bytes(b"r")],
             references_directories: vec![],
+            content_elsewhere: false,
         };
         store.put(AssetKind::Blob, &e).unwrap();
         assert_eq!(
@@ -412,7 +422,12 @@ mod tests {
             None
         );
         e.digest = Digest::of_bytes(b"two");
+        e.content_elsewhere = true;
         store.put(AssetKind::Blob, &e).unwrap();
+        assert_eq!(
+            store.get(AssetKind::Blob, "urn:x", &e.qualifiers).unwrap(),
+            Some(e.clone())
+        );
         assert_eq!(
             store
                 .get(AssetKind::Blob, "urn:x", &e.qualifiers)
@@ -432,6 +447,7 @@ mod tests {
             digest: Digest::of_bytes(b"one"),
             references_blobs: vec![Digest::of_bytes(b"r")],
             references_directories: vec![],
+            content_elsewhere: false,
         };
         let bytes = encode_entry(AssetKind::Blob, &e);
         // A plain Any decoder (what casd uses) still reads the entry.

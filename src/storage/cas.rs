@@ -131,6 +131,9 @@ pub struct CasStore {
     anonymous_temporaries: bool,
     /// Objects already checked against their digest by this process.
     verified: Arc<VerifiedSet>,
+    /// When this process last refused an upload for lack of space (seconds since the
+    /// epoch, 0 for never): the asset policy of docs/adr/0007 needs to know.
+    space_refused_at: AtomicU64,
 }
 
 impl CasStore {
@@ -168,14 +171,34 @@ impl CasStore {
             existence: ExistenceCache::default(),
             anonymous_temporaries: false,
             verified: Arc::default(),
+            space_refused_at: AtomicU64::new(0),
         };
         store.remove_stale_temporaries();
+        store.ensure_empty_blob();
         let anonymous_temporaries = store.probe_anonymous_temporaries();
         tracing::debug!(anonymous_temporaries, "upload staging");
         Ok(CasStore {
             anonymous_temporaries,
             ..store
         })
+    }
+
+    fn note_space_refusal(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.space_refused_at
+            .store(now.as_secs(), Ordering::Relaxed);
+    }
+
+    /// Whether this process refused an upload for lack of space within `window`.
+    pub fn refused_space_within(&self, window: Duration) -> bool {
+        let at = self.space_refused_at.load(Ordering::Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        at != 0 && now.saturating_sub(at) <= window.as_secs()
     }
 
     /// For tools that inspect the store: looking must not make objects look recently used.
@@ -273,6 +296,9 @@ impl CasStore {
             .name("cas-sync".into())
             .spawn(move || loop {
                 std::thread::sleep(sync_interval);
+                // Puts the empty blob back soon after an operator's `rm -rf cas/objects`
+                // even if no client asks for it (readers of the files never do).
+                me.ensure_empty_blob();
                 me.sync_if_dirty();
             })
             .ok();
@@ -441,10 +467,58 @@ impl CasStore {
         self.objects.join(&h[..2]).join(&h[2..])
     }
 
+    /// Makes sure the empty blob is a file in `cas/objects` and says whether it is.
+    ///
+    /// REAPI lets a server answer "present" for the empty blob without storing it, but
+    /// buildbox-casd serving a repository in place, and BuildStream's test-suite, read the
+    /// object files directly: an artifact whose files are the empty directory (whose
+    /// digest is the empty blob's) would look incomplete to them. So every repository
+    /// holds it, created here whenever it is found missing (it costs no quota), and
+    /// eviction never removes it.
+    pub fn ensure_empty_blob(&self) -> bool {
+        let d = Digest::empty();
+        match self.dir.stat(&d) {
+            Ok(st) if is_regular(&st) && st.st_size == 0 => return true,
+            Ok(_) => self.quarantine(&d, "the empty blob's file is not an empty file"),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check the empty blob's file");
+                return false;
+            }
+        }
+        let path = self.path_of(&d);
+        let create = || {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o444)
+                .open(&path)
+        };
+        let created = match create() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => path
+                .parent()
+                .map_or(Ok(()), fs::create_dir_all)
+                .and_then(|()| create()),
+            other => other,
+        };
+        match created {
+            Ok(_) => {
+                self.dirty.store(true, Ordering::Release);
+                true
+            }
+            // A peer process or thread was quicker.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => true,
+            Err(e) => {
+                tracing::warn!(error = %e, path = %path.display(), "cannot create the empty blob's file");
+                false
+            }
+        }
+    }
+
     /// Whether the blob is present (with the right size); a hit refreshes its LRU stamp.
     pub fn contains(&self, d: &Digest) -> bool {
         if d.is_empty_blob() {
-            return true;
+            return self.ensure_empty_blob();
         }
         match self.dir.stat(d) {
             Ok(st) if st.st_size as u64 == d.size() && is_regular(&st) => {
@@ -472,7 +546,7 @@ impl CasStore {
             .into_iter()
             .filter(|d| {
                 if d.is_empty_blob() {
-                    return false;
+                    return !self.ensure_empty_blob();
                 }
                 let key = key_of(d.hash());
                 let stamp = *stamps[key[0] as usize]
@@ -589,11 +663,12 @@ impl CasStore {
     /// verified but not written again.
     pub fn begin_write(&self, digest: Digest) -> Result<BlobWriter, CasError> {
         let final_path = self.path_of(&digest);
-        let sink = if digest.is_empty_blob() || self.contains(&digest) {
+        let sink = if self.contains(&digest) {
             None
         } else {
             if let Some(q) = self.policy.quota {
                 if digest.size() > q {
+                    self.note_space_refusal();
                     return Err(CasError::TooLarge {
                         digest: digest.to_string(),
                         size: digest.size(),
@@ -607,14 +682,20 @@ impl CasStore {
             // dropping the reservation gives it back.)
             let reservation = Reservation::new(self, digest.size());
             if self.shortfall(0).is_some() {
-                self.check_fits(digest.size())?;
-                self.make_room(0).map_err(|e| match e {
-                    CasError::NoSpace { reason, .. } => CasError::NoSpace {
-                        size: digest.size(),
-                        reason,
-                    },
-                    other => other,
-                })?;
+                self.check_fits(digest.size())
+                    .and_then(|()| self.make_room(0))
+                    .map_err(|e| match e {
+                        CasError::NoSpace { reason, .. } => CasError::NoSpace {
+                            size: digest.size(),
+                            reason,
+                        },
+                        other => other,
+                    })
+                    .inspect_err(|e| {
+                        if e.is_out_of_space() {
+                            self.note_space_refusal();
+                        }
+                    })?;
             }
             let (path, file) = if self.anonymous_temporaries {
                 (None, self.create_anonymous(&final_path)?)
@@ -1287,6 +1368,33 @@ mod tests {
         let d = Digest::of_bytes(b"again");
         cas.put(&d, b"again").unwrap();
         assert!(cas.contains(&d));
+    }
+
+    #[test]
+    fn the_empty_blob_is_always_a_file() {
+        let (_d, cas) = store();
+        let empty = Digest::empty();
+        let path = cas.path_of(&empty);
+        let is_empty_file = |p: &Path| fs::metadata(p).is_ok_and(|m| m.is_file() && m.len() == 0);
+        assert!(is_empty_file(&path), "created on open");
+
+        fs::remove_dir_all(cas.objects_dir()).unwrap();
+        assert!(cas.find_missing(vec![empty.clone()]).is_empty());
+        assert!(is_empty_file(&path), "recreated when asked for");
+
+        fs::remove_file(&path).unwrap();
+        assert!(cas.contains(&empty));
+        assert!(is_empty_file(&path));
+
+        // Damaged (not empty): moved aside and replaced.
+        fs::remove_file(&path).unwrap();
+        fs::write(&path, b"x").unwrap();
+        assert!(cas.ensure_empty_blob());
+        assert!(is_empty_file(&path));
+
+        fs::remove_file(&path).unwrap();
+        cas.put(&empty, b"").unwrap();
+        assert!(is_empty_file(&path), "an upload of it stores it");
     }
 
     #[test]

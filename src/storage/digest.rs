@@ -60,6 +60,14 @@ impl Digest {
         Digest::new(&d.hash, d.size_bytes)
     }
 
+    /// The digest of the empty blob.
+    pub fn empty() -> Self {
+        Digest {
+            hash: EMPTY_SHA256.to_owned(),
+            size: 0,
+        }
+    }
+
     pub fn of_bytes(data: &[u8]) -> Self {
         Digest {
             hash: hex::encode(Sha256::digest(data)),
@@ -143,6 +151,7 @@ mod tests {
     #[test]
     fn of_bytes_matches_known_value() {
         assert_eq!(Digest::of_bytes(b"").hash(), EMPTY_SHA256);
+        assert_eq!(Digest::of_bytes(b""), Digest::empty());
     }
 
     #[test]

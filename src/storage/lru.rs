@@ -9,6 +9,7 @@
 //! newer mtime and survive, as LRU demands. Evicting down to a low watermark makes these
 //! scans rare: one per (quota - low watermark) bytes written.
 
+use super::digest::EMPTY_SHA256;
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -40,6 +41,13 @@ fn is_shard(name: &str) -> bool {
 
 fn is_object(name: &str) -> bool {
     name.len() == 62 && name.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn is_empty_blob(path: &Path) -> bool {
+    fn name(p: Option<&Path>) -> Option<&str> {
+        p.and_then(|p| p.file_name()).and_then(|n| n.to_str())
+    }
+    name(Some(path)) == Some(&EMPTY_SHA256[2..]) && name(path.parent()) == Some(&EMPTY_SHA256[..2])
 }
 
 /// Calls `f(path, size, mtime_ns)` for every object file. Entries that vanish during
@@ -154,7 +162,9 @@ pub fn evict(objects: &Path, to_free: impl FnOnce(u64) -> u64, dry_run: bool) ->
     };
     let shift = hist.shift;
     for_each_object(objects, |path, size, mtime| {
-        if (mtime >> shift) > cutoff {
+        // It frees nothing, and readers of the files rely on it (see
+        // CasStore::ensure_empty_blob).
+        if (mtime >> shift) > cutoff || is_empty_blob(&path) {
             return;
         }
         if dry_run || fs::remove_file(&path).is_ok() {
@@ -202,6 +212,21 @@ mod tests {
         assert_eq!(r.scanned_bytes, 300);
         assert_eq!((r.freed_objects, r.freed_bytes), (2, 200));
         assert!(!old.exists() && !mid.exists() && new.exists());
+    }
+
+    #[test]
+    fn never_evicts_the_empty_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = dir.path().join(&EMPTY_SHA256[..2]);
+        fs::create_dir_all(&shard).unwrap();
+        let empty = shard.join(&EMPTY_SHA256[2..]);
+        fs::write(&empty, b"").unwrap();
+        let f = fs::File::options().write(true).open(&empty).unwrap();
+        f.set_modified(std::time::UNIX_EPOCH).unwrap();
+        let newer = put(dir.path(), 1, 100, 1_000);
+        let r = evict(dir.path(), |total| total, false);
+        assert_eq!((r.freed_objects, r.freed_bytes), (1, 100));
+        assert!(empty.exists() && !newer.exists());
     }
 
     #[test]

@@ -871,9 +871,13 @@ pub fn count_files(dir: &Path) -> usize {
         .sum()
 }
 
-/// Number of CAS objects in a server repository (casd layout `cas/objects/xx/...`).
+/// Hash of the empty blob, a file in every server repository.
+pub const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+/// Number of CAS objects in a server repository (casd layout `cas/objects/xx/...`),
+/// not counting the empty blob that every repository holds from the start.
 pub fn cas_object_count(repo: &Path) -> usize {
-    count_files(&repo.join("cas/objects"))
+    count_files(&repo.join("cas/objects")) - usize::from(repo_has_blob(repo, EMPTY_SHA256))
 }
 
 /// Number of Remote Asset entries in a server repository (`assets/objects/xx/...`).
