@@ -9,6 +9,7 @@
 use anyhow::Context;
 use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
 use clap::Args;
+use std::error::Error as _;
 use std::path::PathBuf;
 use std::time::Duration;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
@@ -92,13 +93,23 @@ async fn ask(args: &HealthcheckArgs) -> anyhow::Result<String> {
     let channel = endpoint
         .connect()
         .await
-        .with_context(|| format!("connecting to {url}"))?;
+        .map_err(|e| anyhow::anyhow!("cannot connect to {url}: {}", innermost(&e)))?;
     let caps = reapi::capabilities_client::CapabilitiesClient::new(channel)
         .get_capabilities(reapi::GetCapabilitiesRequest {
             instance_name: args.instance_name.clone(),
         })
         .await
-        .context("GetCapabilities")?
+        .map_err(|status| {
+            let why = match status.source() {
+                // A broken connection (TLS refused, plaintext answer...): its cause.
+                Some(source) => innermost(source),
+                None => status.message().to_owned(),
+            };
+            anyhow::anyhow!(
+                "{url} did not answer GetCapabilities ({:?}): {why}",
+                status.code()
+            )
+        })?
         .into_inner();
     let cache = caps.cache_capabilities.unwrap_or_default();
     let api = caps
@@ -109,6 +120,17 @@ async fn ask(args: &HealthcheckArgs) -> anyhow::Result<String> {
         "{url} answers: REAPI up to {api}, {} digest function(s)",
         cache.digest_functions.len()
     ))
+}
+
+/// The root cause of a connection failure, which is the part that says what went wrong
+/// ("Connection refused (os error 111)", "invalid peer certificate: UnknownIssuer"); the
+/// wrappers around it only repeat "transport error".
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut last = e;
+    while let Some(next) = last.source() {
+        last = next;
+    }
+    last.to_string()
 }
 
 fn read(path: &PathBuf) -> anyhow::Result<Vec<u8>> {

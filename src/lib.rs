@@ -6,6 +6,7 @@ pub mod admin;
 pub mod certs;
 pub mod cli;
 pub mod client_limit;
+pub mod error_text;
 pub mod healthcheck;
 pub mod logging;
 pub mod server;

@@ -32,7 +32,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("bst-artifact-server: error: {e:#}");
+            eprintln!(
+                "bst-artifact-server: error: {}",
+                bst_artifact_server::error_text::one_line(e.as_ref())
+            );
             ExitCode::FAILURE
         }
     }
