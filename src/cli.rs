@@ -87,8 +87,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 2.0)]
     pub tls_watch_interval: f64,
 
-    /// Log verbosity.
-    #[arg(long, value_enum, default_value_t = LogLevel::Warning)]
+    /// Log verbosity. `info` (the default) logs the effective settings at start, each
+    /// eviction pass, TLS reloads and refused connections; nothing per request.
+    #[arg(long, value_enum, default_value_t = LogLevel::Info)]
     pub log_level: LogLevel,
 
     /// Where logs go: auto picks journald when stderr is the journal stream systemd
@@ -184,6 +185,25 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         return Err(format!("{s:?} is out of range"));
     }
     Ok(bytes.round() as u64)
+}
+
+/// A byte count as an operator reads it: exact below 1 KiB, else in binary units with the
+/// exact figure alongside ("10000000000 bytes (9.31 GiB)").
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} bytes");
+    }
+    let mut value = bytes as f64;
+    let mut unit = "";
+    for u in UNITS {
+        if value < 1024.0 {
+            break;
+        }
+        value /= 1024.0;
+        unit = u;
+    }
+    format!("{bytes} bytes ({value:.2} {unit})").replace(".00 ", " ")
 }
 
 /// Inserts `serve` when the first argument is not a subcommand, so the historical

@@ -138,21 +138,26 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     println!("bst-artifact-server listening on {local}");
+    let policy = quota_policy(&args);
     tracing::info!(
         address = %local,
         repo = %repo.display(),
         push = args.enable_push,
         index_only = args.index_only,
-        "serving"
+        "{}",
+        describe_settings(&args, local, &policy)
     );
+    if let Some(warning) = open_push_warning(args.enable_push, args.client_certs.is_some(), local) {
+        tracing::warn!("{warning}");
+    }
 
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let stop_signal = stop_signals().context("installing signal handlers")?;
     tokio::spawn(async move {
         let signal = stop_signal.await;
-        tracing::warn!(
+        tracing::info!(
             signal,
-            "stopping: no new connections, draining in-flight requests"
+            "{signal}: stopping; no new connections, draining in-flight requests"
         );
         crate::systemd::notify_stopping(&format!("{signal}: draining in-flight requests"));
         let _ = stop_tx.send(true);
@@ -207,6 +212,58 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Uploads open to other machines with nobody authenticated: worth saying at every start.
+fn open_push_warning(push: bool, client_auth: bool, local: SocketAddr) -> Option<String> {
+    (push && !client_auth && !local.ip().is_loopback()).then(|| {
+        format!(
+            "uploads are enabled on {local}, which other machines can reach, and no client \
+             authentication is configured: anyone who can connect can write to this cache. \
+             Use --bind 127.0.0.1, or TLS with --client-certs (docs/securing.md)"
+        )
+    })
+}
+
+/// The start-up line: everything that decides what the server does, in one sentence.
+fn describe_settings(args: &ServeArgs, local: SocketAddr, policy: &QuotaPolicy) -> String {
+    let listen = if local.ip().is_unspecified() {
+        format!("port {} on all interfaces", local.port())
+    } else {
+        local.to_string()
+    };
+    let transport = match (&args.server_key, &args.client_certs) {
+        (None, _) => "plain gRPC (no TLS)".to_owned(),
+        (Some(_), None) => "TLS".to_owned(),
+        (Some(_), Some(clients)) => {
+            format!("mutual TLS (clients authorised by {})", clients.display())
+        }
+    };
+    let push = if args.enable_push {
+        "uploads enabled"
+    } else {
+        "read-only"
+    };
+    let storage = if args.index_only {
+        "index only (Remote Asset; no CAS)".to_owned()
+    } else {
+        let quota = match policy.quota {
+            Some(q) => format!(
+                "quota {}, evicting down to {}",
+                crate::cli::format_size(q),
+                crate::cli::format_size(policy.low_watermark)
+            ),
+            None => "no quota".to_owned(),
+        };
+        format!(
+            "{quota}, keeping {} of disk free",
+            crate::cli::format_size(policy.reserve)
+        )
+    };
+    format!(
+        "serving {} on {listen}: {transport}, {push}, {storage}",
+        args.repo.display()
+    )
 }
 
 /// Default free-space reserve: casd's 2 GB, or 5% of a smaller filesystem.
@@ -264,4 +321,23 @@ fn stop_signals() -> std::io::Result<impl std::future::Future<Output = &'static 
             _ = int.recv() => "SIGINT",
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_uploads_are_warned_about() {
+        let any: SocketAddr = "[::]:11002".parse().unwrap();
+        let lan: SocketAddr = "192.0.2.7:11002".parse().unwrap();
+        let lo: SocketAddr = "127.0.0.1:11002".parse().unwrap();
+        let lo6: SocketAddr = "[::1]:11002".parse().unwrap();
+        assert!(open_push_warning(true, false, any).is_some());
+        assert!(open_push_warning(true, false, lan).is_some());
+        assert!(open_push_warning(true, false, lo).is_none());
+        assert!(open_push_warning(true, false, lo6).is_none());
+        assert!(open_push_warning(true, true, any).is_none());
+        assert!(open_push_warning(false, false, any).is_none());
+    }
 }

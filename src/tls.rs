@@ -659,7 +659,7 @@ async fn accept_loop(
                         tracing::debug!("connection closed before the TLS handshake");
                     }
                     Ok(Err(Refused::Plaintext)) => tracing::warn!(
-                        "plaintext client on a TLS port (its URL should be https://); connection closed"
+                        "plaintext client {peer} on a TLS port (its URL should be https://); connection closed"
                     ),
                     Ok(Err(Refused::Tls(e))) => {
                         let hint = if e.to_string().contains("received fatal alert") {
@@ -667,10 +667,10 @@ async fn accept_loop(
                         } else {
                             ""
                         };
-                        tracing::warn!("TLS handshake failed: {e}{hint}");
+                        tracing::warn!("TLS handshake with {peer} failed: {e}{hint}");
                     }
                     Err(_) => tracing::warn!(
-                        "TLS handshake not completed within {HANDSHAKE_TIMEOUT:?}; connection closed"
+                        "TLS handshake with {peer} not completed within {HANDSHAKE_TIMEOUT:?}; connection closed"
                     ),
                 }
             }

@@ -611,7 +611,8 @@ async fn plaintext_and_stalled_clients_do_not_hurt_the_server() {
         tokio::time::timeout(TIMEOUT, plain).await.unwrap(),
         "plaintext client",
     );
-    s.wait_log("plaintext client on a TLS port", 0);
+    s.wait_log("plaintext client 127.0.0.1:", 0);
+    s.wait_log("on a TLS port (its URL should be https://)", 0);
     s.assert_running();
 
     // Connections that never finish (or never start) a handshake do not delay others.

@@ -342,12 +342,18 @@ impl CasStore {
             false,
         );
         self.store_measured_usage(report.scanned_bytes - report.freed_bytes, committed_before);
+        let stored_after = report.scanned_bytes - report.freed_bytes;
         tracing::info!(
             freed_bytes = report.freed_bytes,
             freed_objects = report.freed_objects,
             stored_before = report.scanned_bytes,
+            stored_after,
             elapsed_ms = started.elapsed().as_millis() as u64,
-            "evicted least recently used objects"
+            "evicted {} least recently used objects ({} bytes) in {} ms; {} bytes stored now",
+            report.freed_objects,
+            report.freed_bytes,
+            started.elapsed().as_millis(),
+            stored_after
         );
         match shortfall() {
             None => Ok(()),

@@ -20,7 +20,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts `bst-artifact-server serve --bind 127.0.0.1 --port 0 <extra args> REPO`.
+    /// Starts `bst-artifact-server serve --bind 127.0.0.1 --port 0 <extra args> REPO`, logging
+    /// at the default level to a file (see [`Server::log`]).
     pub fn start(repo: &Path, extra: &[&str]) -> Server {
         Self::start_with(repo, extra, |_| {})
     }
@@ -31,7 +32,8 @@ impl Server {
         let port_file = scratch.path().join("port");
         let mut cmd = Command::new(BIN);
         cmd.arg("serve")
-            .args(["--bind", "127.0.0.1", "--port", "0", "--log-level", "info"])
+            // The default log level (info): what an operator sees is what tests see.
+            .args(["--bind", "127.0.0.1", "--port", "0"])
             .arg("--port-file")
             .arg(&port_file)
             .args(extra)
