@@ -13,34 +13,81 @@ use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
 pub struct GcArgs {
-    /// Evict least recently used blobs beyond this size (as for `serve --quota`).
-    #[arg(long, value_name = "SIZE", default_value = "10e9", value_parser = parse_size)]
-    pub quota: u64,
-    /// What eviction frees down to [default: half the quota].
+    /// Evict least recently used blobs beyond this size (0: evict nothing) [default: the
+    /// quota the server last started on REPO runs with, recorded in REPO/cas/policy].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub quota: Option<u64>,
+    /// What eviction frees down to [default: the recorded one with the recorded quota,
+    /// else half of --quota].
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub quota_low: Option<u64>,
     /// Report what would be removed without removing anything.
     #[arg(long)]
     pub dry_run: bool,
+    /// The repository (the server's REPO directory).
     pub repo: PathBuf,
 }
 
 #[derive(Args, Debug)]
 pub struct VerifyArgs {
+    /// The repository (the server's REPO directory).
     pub repo: PathBuf,
 }
 
 #[derive(Args, Debug)]
 pub struct StatsArgs {
+    /// The repository (the server's REPO directory).
     pub repo: PathBuf,
 }
 
-fn open(repo: &Path, policy: QuotaPolicy) -> anyhow::Result<(CasStore, AssetStore)> {
+/// The policy `gc` acts on: what the command line says, else what the serving process
+/// recorded; never a default of its own, which could evict far more than the cache's.
+fn gc_policy(args: &GcArgs) -> anyhow::Result<QuotaPolicy> {
+    let policy = match args.quota {
+        Some(quota) => {
+            crate::cli::check_quota(quota, args.quota_low).map_err(anyhow::Error::msg)?;
+            QuotaPolicy {
+                quota: (quota > 0).then_some(quota),
+                low_watermark: args.quota_low.unwrap_or(quota / 2),
+                reserve: 0,
+            }
+        }
+        None => {
+            let recorded = crate::storage::policy::recorded(&args.repo)
+                .map_err(anyhow::Error::msg)?
+                .with_context(|| {
+                    format!(
+                        "{} has no recorded quota (no server has started on it since the \
+                         record was introduced): pass --quota SIZE, the quota the server runs \
+                         with",
+                        args.repo.display()
+                    )
+                })?;
+            anyhow::ensure!(
+                args.quota_low.is_none(),
+                "--quota-low needs --quota (gc otherwise uses the recorded quota and low \
+                 watermark together)"
+            );
+            QuotaPolicy {
+                reserve: 0,
+                ..recorded
+            }
+        }
+    };
+    Ok(policy)
+}
+
+fn ensure_repository(repo: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(
         repo.join("cas").is_dir() || repo.join("assets").is_dir(),
         "{} is not a bst-artifact-server repository (no cas/ or assets/ directory)",
         repo.display()
     );
+    Ok(())
+}
+
+fn open(repo: &Path, policy: QuotaPolicy) -> anyhow::Result<(CasStore, AssetStore)> {
+    ensure_repository(repo)?;
     let cas = CasStore::open_with(repo, policy)
         .with_context(|| format!("opening {}", repo.display()))?
         .without_lru_refresh();
@@ -72,12 +119,22 @@ fn dangling_assets(cas: &CasStore, assets: &AssetStore) -> Vec<(PathBuf, String)
 }
 
 pub fn gc(args: &GcArgs) -> anyhow::Result<()> {
-    let quota = (args.quota > 0).then_some(args.quota);
-    let policy = QuotaPolicy {
-        quota,
-        low_watermark: args.quota_low.unwrap_or(args.quota / 2),
-        reserve: 0,
+    ensure_repository(&args.repo)?;
+    let policy = gc_policy(args)?;
+    let quota = policy.quota;
+    let source = if args.quota.is_some() {
+        "from the command line"
+    } else {
+        "recorded by the server in REPO/cas/policy"
     };
+    match quota {
+        Some(q) => println!(
+            "policy ({source}): quota {}, evicting down to {}",
+            crate::cli::format_size(q),
+            crate::cli::format_size(policy.low_watermark)
+        ),
+        None => println!("policy ({source}): no quota, nothing is evicted"),
+    }
     let (cas, assets) = open(&args.repo, policy)?;
     let before = cas.objects_total();
     let over = quota.is_some_and(|q| before.bytes > q);

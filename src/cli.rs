@@ -156,35 +156,74 @@ impl LogLevel {
     }
 }
 
-/// Parses a byte size: `1048576`, `10e9`, `1.5G`, `512K`, `2TiB` (suffixes are powers of
-/// 1024, as in BuildStream's own cache quota settings).
 fn parse_instance_name(s: &str) -> Result<String, String> {
     crate::service::resource_name::check_instance_name(s).map(|()| s.to_owned())
 }
 
+/// Parses a byte size: `1048576`, `10e9`, `1.5G`, `512Ki`, `2TiB`, `500MB`.
+///
+/// `K M G T`, `Ki Mi Gi Ti` and `KiB MiB GiB TiB` are powers of 1024 (the single letters as
+/// in BuildStream's own cache quota settings); `KB MB GB TB` are powers of 1000. Case does
+/// not matter. The result must be a whole number of bytes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
+    const HELP: &str =
+        "examples: 10e9, 500M, 2GiB, 20GB; K/M/G/T, Ki/Mi/Gi/Ti and KiB/MiB/GiB/TiB \
+                        are powers of 1024, KB/MB/GB/TB powers of 1000";
     let t = s.trim();
-    let lower = t.to_ascii_lowercase();
-    let stripped = lower
-        .trim_end_matches("ib")
-        .trim_end_matches('b')
-        .trim_end();
-    let (number, multiplier) = match stripped.chars().last() {
-        Some('k') => (&stripped[..stripped.len() - 1], 1u64 << 10),
-        Some('m') => (&stripped[..stripped.len() - 1], 1 << 20),
-        Some('g') => (&stripped[..stripped.len() - 1], 1 << 30),
-        Some('t') => (&stripped[..stripped.len() - 1], 1 << 40),
-        _ => (stripped, 1),
+    let split = t
+        .find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
+        .unwrap_or(t.len());
+    let (number, suffix) = t.split_at(split);
+    let multiplier: u64 = match suffix.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "ki" | "kib" => 1 << 10,
+        "m" | "mi" | "mib" => 1 << 20,
+        "g" | "gi" | "gib" => 1 << 30,
+        "t" | "ti" | "tib" => 1 << 40,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        other => return Err(format!("{s:?}: unknown unit {other:?} ({HELP})")),
     };
     let value: f64 = number
         .trim()
         .parse()
-        .map_err(|_| format!("{s:?} is not a size (examples: 10e9, 500M, 2G)"))?;
+        .map_err(|_| format!("{s:?} is not a size ({HELP})"))?;
     let bytes = value * multiplier as f64;
     if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
         return Err(format!("{s:?} is out of range"));
     }
-    Ok(bytes.round() as u64)
+    if bytes.fract() != 0.0 {
+        return Err(format!("{s:?} is not a whole number of bytes"));
+    }
+    Ok(bytes as u64)
+}
+
+/// The smallest quota taken at face value: below it a size is almost certainly missing its
+/// unit (`--quota 100` meaning 100G).
+pub const MIN_QUOTA: u64 = 64 << 10;
+
+/// Checks a quota policy given on the command line: `quota` 0 means none.
+pub fn check_quota(quota: u64, low: Option<u64>) -> Result<(), String> {
+    if quota > 0 && quota < MIN_QUOTA {
+        return Err(format!(
+            "--quota {quota} is {quota} bytes, less than the {MIN_QUOTA} bytes a cache needs \
+             (a missing unit? e.g. --quota {quota}G; --quota 0 disables the quota)"
+        ));
+    }
+    match low {
+        Some(_) if quota == 0 => {
+            Err("--quota-low needs a quota: with --quota 0 nothing is ever evicted".to_owned())
+        }
+        Some(low) if low > quota => Err(format!(
+            "--quota-low ({}) is above --quota ({}): eviction frees down to the low \
+             watermark, so it must be at most the quota",
+            format_size(low),
+            format_size(quota)
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// A byte count as an operator reads it: exact below 1 KiB, else in binary units with the
@@ -281,10 +320,35 @@ mod tests {
         assert_eq!(parse_size("2G"), Ok(2 << 30));
         assert_eq!(parse_size("1.5k"), Ok(1536));
         assert_eq!(parse_size("3MiB"), Ok(3 << 20));
+        assert_eq!(parse_size("10Gi"), Ok(10 << 30));
+        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("10 gib"), Ok(10 << 30));
+        assert_eq!(parse_size("20GB"), Ok(20_000_000_000));
+        assert_eq!(parse_size("500kB"), Ok(500_000));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert_eq!(parse_size("7b"), Ok(7));
         assert_eq!(parse_size("0"), Ok(0));
-        assert!(parse_size("-1").is_err());
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("").is_err());
+        for bad in ["-1", "lots", "", "0.5", "1.3", "10Gx", "10 GiBs", "1e400"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(parse_size("0.5")
+            .unwrap_err()
+            .contains("whole number of bytes"));
+        assert!(parse_size("10Q").unwrap_err().contains("powers of 1000"));
+    }
+
+    #[test]
+    fn quota_policies() {
+        assert!(check_quota(10_000_000_000, None).is_ok());
+        assert!(check_quota(0, None).is_ok());
+        assert!(check_quota(200_000, Some(100_000)).is_ok());
+        assert!(check_quota(100, None).unwrap_err().contains("missing unit"));
+        assert!(check_quota(1 << 30, Some(2 << 30))
+            .unwrap_err()
+            .contains("above --quota"));
+        assert!(check_quota(0, Some(1))
+            .unwrap_err()
+            .contains("needs a quota"));
     }
 
     #[test]

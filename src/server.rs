@@ -79,10 +79,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Ok(_) => {}
         Err(e) => tracing::warn!("could not raise the open files limit: {e}"),
     }
+    crate::cli::check_quota(args.quota, args.quota_low).map_err(anyhow::Error::msg)?;
     let repo = &args.repo;
+    check_reserve(&args)?;
     // Before the repository is opened, so that a slow start-up is not mistaken for a hang.
     let _watchdog = crate::systemd::spawn_watchdog();
     crate::systemd::notify_status(&format!("opening repository {}", repo.display()));
+    if repo.exists() && !repo.is_dir() {
+        anyhow::bail!("repository {} is a file, not a directory", repo.display());
+    }
     std::fs::create_dir_all(repo)
         .with_context(|| format!("creating repository directory {}", repo.display()))?;
     let config = ServiceConfig {
@@ -96,10 +101,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let cas = if args.index_only {
         None
     } else {
+        let policy = quota_policy(&args);
         let store = Arc::new(
-            CasStore::open_with(repo, quota_policy(&args))
+            CasStore::open_with(repo, policy)
                 .with_context(|| format!("opening repository {}", repo.display()))?,
         );
+        // For `gc`, which acts on the policy the cache runs with.
+        if let Err(e) = crate::storage::policy::record(repo, &policy) {
+            tracing::warn!(
+                "could not record the quota policy in {} ({e}): `gc` will need --quota",
+                repo.display()
+            );
+        }
         store.start_background(SYNC_INTERVAL);
         Some(store)
     };
@@ -264,6 +277,30 @@ fn describe_settings(args: &ServeArgs, local: SocketAddr, policy: &QuotaPolicy) 
         "serving {} on {listen}: {transport}, {push}, {storage}",
         args.repo.display()
     )
+}
+
+/// A reserve the filesystem could never keep would refuse every upload: say so at start.
+fn check_reserve(args: &ServeArgs) -> anyhow::Result<()> {
+    let Some(reserve) = args.reserve else {
+        return Ok(());
+    };
+    // The repository may not exist yet: its filesystem is its nearest existing ancestor's.
+    let existing = args
+        .repo
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("."));
+    if let Some((total, _)) = crate::storage::cas::filesystem_space(existing) {
+        anyhow::ensure!(
+            reserve < total,
+            "--reserve {} is not less than the whole filesystem that holds {} ({}): no upload \
+             could ever be stored",
+            crate::cli::format_size(reserve),
+            args.repo.display(),
+            crate::cli::format_size(total)
+        );
+    }
+    Ok(())
 }
 
 /// Default free-space reserve: casd's 2 GB, or 5% of a smaller filesystem.

@@ -387,7 +387,7 @@ fn remove_client_ambiguous_subject() {
     let b = rcgen_cert(cwd, "b.crt", "client", -1, 30);
     let c = rcgen_cert(cwd, "c.crt", "other", -1, 30);
     for p in [&a, &b, &c] {
-        ok(cwd, &["add-client", p.to_str().unwrap()]);
+        ok(cwd, &["add-client", "--create", p.to_str().unwrap()]);
     }
     let authorized = cwd.join("certs/authorized.crt");
     let before = std::fs::read(&authorized).unwrap();
@@ -511,6 +511,7 @@ fn add_client_accepts_the_historical_openssl_certificate() {
             crt.to_str().unwrap(),
             "--authorized",
             "srv/authorized.crt",
+            "--create",
         ],
     );
     assert!(
@@ -532,7 +533,7 @@ fn subject_cannot_forge_lines_in_the_bundle() {
         -1,
         30,
     );
-    ok(cwd, &["add-client", evil.to_str().unwrap()]);
+    ok(cwd, &["add-client", "--create", evil.to_str().unwrap()]);
     let list = ok(cwd, &["list-clients"]);
     assert_eq!(list.lines().count(), 2, "{list}");
     let stored = std::fs::read_to_string(cwd.join("certs/authorized.crt")).unwrap();
@@ -541,4 +542,52 @@ fn subject_cannot_forge_lines_in_the_bundle() {
         .filter(|l| l.starts_with("-----BEGIN"))
         .count();
     assert_eq!(begins, 1, "{stored}");
+}
+
+/// Run where there is no bundle and no certs/ directory, add-client writes nothing and
+/// says how to point it at the server's bundle; with --create it starts one and says
+/// which file it wrote, without claiming that any server will read it.
+#[test]
+fn add_client_creates_a_bundle_only_when_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = tmp.path();
+    let crt = rcgen_cert(cwd, "alice.crt", "alice", -1, 30);
+    let o = run(cwd, &["add-client", crt.to_str().unwrap()]);
+    assert!(!o.ok, "{}", o.stdout);
+    assert!(
+        o.stderr.contains("certs/authorized.crt does not exist")
+            && o.stderr.contains("--authorized")
+            && o.stderr.contains("--create"),
+        "{}",
+        o.stderr
+    );
+    assert!(!cwd.join("certs").exists(), "created the directory anyway");
+
+    let out = ok(cwd, &["add-client", "--create", crt.to_str().unwrap()]);
+    let bundle = cwd.canonicalize().unwrap().join("certs/authorized.crt");
+    assert!(
+        out.contains(&format!("created the bundle {}", bundle.display())),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "A server started with --client-certs {}",
+            bundle.display()
+        )),
+        "{out}"
+    );
+    assert!(!out.contains("A running server applies"), "{out}");
+
+    // An existing directory is intent enough.
+    std::fs::create_dir(cwd.join("srv")).unwrap();
+    let bob = rcgen_cert(cwd, "bob.crt", "bob", -1, 30);
+    ok(
+        cwd,
+        &[
+            "add-client",
+            bob.to_str().unwrap(),
+            "--authorized",
+            "srv/authorized.crt",
+        ],
+    );
 }

@@ -814,7 +814,8 @@ async fn the_empty_blob_is_a_file_in_every_repository() {
     assert!(is_empty_file());
 
     // Eviction of everything else keeps it; verify puts it back.
-    let old = pseudo_random(40, 3000);
+    // Over gc's smallest accepted quota (64 KiB), so that `--quota 64K` evicts.
+    let old = pseudo_random(40, 100_000);
     upload(&ch, &[&old]).await;
     drop(server);
     let admin = |args: &[&str]| {
@@ -831,7 +832,7 @@ async fn the_empty_blob_is_a_file_in_every_repository() {
         assert!(out.status.success(), "{args:?}: {text}");
         text
     };
-    admin(&["gc", "--quota", "1", "--quota-low", "0"]);
+    admin(&["gc", "--quota", "64K", "--quota-low", "0"]);
     assert!(!blob_path(repo.path(), &sha256_hex(&old)).exists());
     assert!(is_empty_file(), "gc evicted the empty blob");
     let stats = admin(&["stats"]);

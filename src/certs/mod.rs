@@ -82,10 +82,14 @@ pub struct AddClientArgs {
     #[arg(value_name = "CLIENT_CRT")]
     pub cert: PathBuf,
 
-    /// The bundle of authorized client certificates the server reads (--client-certs);
-    /// created if missing.
+    /// The bundle of authorized client certificates the server reads (--client-certs).
+    /// A missing bundle is created only if its directory exists or with --create.
     #[arg(long, value_name = "FILE", default_value = DEFAULT_AUTHORIZED)]
     pub authorized: PathBuf,
+
+    /// Start a new bundle (and its directory) if --authorized does not exist yet.
+    #[arg(long)]
+    pub create: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -344,8 +348,16 @@ fn read_authorized(
     Ok((data, entries))
 }
 
-const RELOAD_HINT: &str =
-    "A running server applies this to new connections within a few seconds (or at once on SIGHUP).";
+/// What to tell the operator about a changed bundle: only what holds for any server that
+/// reads it; whether one does is not ours to know.
+fn reload_hint(bundle: &Path) -> String {
+    let shown = std::path::absolute(bundle).unwrap_or_else(|_| bundle.to_owned());
+    format!(
+        "A server started with --client-certs {} applies this to new connections within its \
+         --tls-watch-interval (2 s by default), or at once on SIGHUP.",
+        shown.display()
+    )
+}
 
 pub fn add_client(args: &AddClientArgs) -> anyhow::Result<()> {
     let new = read_client_certs(&args.cert)?;
@@ -368,6 +380,16 @@ pub fn add_client(args: &AddClientArgs) -> anyhow::Result<()> {
         }
     }
     let dir = files::dir_of(&args.authorized);
+    let creating = !args.authorized.exists();
+    if creating && !args.create && !dir.is_dir() {
+        bail!(
+            "{} does not exist, nor does its directory {}: run add-client where the server's \
+             certificate directory is, name the server's bundle with --authorized FILE (as \
+             given to --client-certs), or pass --create to start a new bundle",
+            args.authorized.display(),
+            dir.display()
+        );
+    }
     create_dir(dir)?;
     let _lock = files::lock_dir(dir)?;
     let (mut data, existing) = read_authorized(&args.authorized, true)?;
@@ -401,17 +423,21 @@ pub fn add_client(args: &AddClientArgs) -> anyhow::Result<()> {
         data.extend_from_slice(pem::encode("CERTIFICATE", &c.der).as_bytes());
     }
     files::replace_file(&args.authorized, &data, AUTHORIZED_MODE)?;
+    let written = std::path::absolute(&args.authorized).unwrap_or_else(|_| args.authorized.clone());
+    if creating {
+        println!("created the bundle {}", written.display());
+    }
     for c in &new {
         println!(
             "authorized {} in {}\n  sha256:      {}\n  key:         {}\n  valid until: {}",
             c.subject_display(),
-            args.authorized.display(),
+            written.display(),
             c.sha256,
             c.key,
             format_time(c.not_after)
         );
     }
-    println!("{RELOAD_HINT}");
+    println!("{}", reload_hint(&args.authorized));
     Ok(())
 }
 
@@ -495,6 +521,6 @@ pub fn remove_client(args: &RemoveClientArgs) -> anyhow::Result<()> {
             args.authorized.display()
         );
     }
-    println!("{RELOAD_HINT}");
+    println!("{}", reload_hint(&args.authorized));
     Ok(())
 }

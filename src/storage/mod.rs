@@ -8,6 +8,7 @@ pub mod direct;
 pub mod existence;
 pub mod lru;
 pub mod objects_dir;
+pub mod policy;
 pub mod tree;
 pub mod usage;
 pub mod verified;
