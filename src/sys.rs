@@ -34,3 +34,46 @@ pub fn release_free_memory() {
         libc::malloc_trim(0);
     }
 }
+
+/// A user's identity as the kernel checks file access: uid, primary and supplementary
+/// groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserIds {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+/// Looks a user up in the system's user database (NSS); None if there is no such user.
+pub fn lookup_user(name: &str) -> Option<UserIds> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    // SAFETY: passwd is plain old data; getpwnam_r fills it, pointing into `buf`, which
+    // outlives every use of it below.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: valid NUL-terminated name, buffers of the sizes given.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            cname.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 || found.is_null() {
+        return None;
+    }
+    let (uid, gid) = (pwd.pw_uid, pwd.pw_gid);
+    let mut groups = vec![0 as libc::gid_t; 256];
+    let mut count = groups.len() as libc::c_int;
+    // SAFETY: `groups` holds `count` entries; getgrouplist writes at most that many and
+    // sets `count` to the number it found.
+    let rc = unsafe { libc::getgrouplist(cname.as_ptr(), gid, groups.as_mut_ptr(), &mut count) };
+    groups.truncate(if rc < 0 { 0 } else { count.max(0) as usize });
+    if !groups.contains(&gid) {
+        groups.push(gid);
+    }
+    Some(UserIds { uid, gid, groups })
+}

@@ -57,6 +57,11 @@ pub struct InstallUnitsArgs {
     /// Replace unit files that already exist.
     #[arg(long)]
     pub force: bool,
+
+    /// Write the units without checking that --user exists and can run the binary and
+    /// read the certificates (for units made for another machine or image).
+    #[arg(long)]
+    pub no_permission_check: bool,
 }
 
 /// A unit file ready to be written.
@@ -130,6 +135,10 @@ pub fn render(args: &InstallUnitsArgs) -> anyhow::Result<Vec<Unit>> {
                 path.display()
             );
         }
+    }
+
+    if !args.no_permission_check {
+        check_service_user(&args.user, &binary, &certs_dir, &repo)?;
     }
 
     let protect_home = if [&repo, &certs_dir, &binary].iter().any(|p| under_home(p)) {
@@ -225,11 +234,13 @@ fn next_steps(args: &InstallUnitsArgs, units: &[Unit]) -> String {
             repo.display()
         );
     }
-    let _ = writeln!(
-        s,
-        "  # the services read the key as {user}:\n  chgrp {user} {key} && chmod 0640 {key}",
-        key = certs.join(SERVER_KEY).display()
-    );
+    if args.no_permission_check {
+        let _ = writeln!(
+            s,
+            "  # the services read the key as {user}:\n  chgrp {user} {key} && chmod 0640 {key}",
+            key = certs.join(SERVER_KEY).display()
+        );
+    }
     if args.target_dir == Path::new("/etc/systemd/system") {
         let _ = writeln!(s, "  systemctl daemon-reload");
     } else {
@@ -302,6 +313,110 @@ fn check_user_name(user: &str) -> anyhow::Result<()> {
         bail!("--user {user:?} is not a valid user name");
     }
     Ok(())
+}
+
+/// Whether `user` may do `want` (4 read, 2 write, 1 execute/search) on `meta`, by its mode
+/// bits (ACLs are not consulted).
+fn permits(meta: &std::fs::Metadata, ids: &crate::sys::UserIds, want: u32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let mode = meta.mode();
+    let bits = if meta.uid() == ids.uid {
+        mode >> 6
+    } else if ids.groups.contains(&meta.gid()) {
+        mode >> 3
+    } else {
+        mode
+    } & 7;
+    bits & want == want
+}
+
+/// The first directory on the way to `path` that `ids` may not enter, if any.
+fn blocked_dir(path: &Path, ids: &crate::sys::UserIds) -> Option<PathBuf> {
+    let mut ancestors: Vec<&Path> = path.ancestors().skip(1).collect();
+    ancestors.reverse();
+    ancestors.into_iter().find_map(|dir| {
+        let meta = std::fs::metadata(dir).ok()?;
+        (!permits(&meta, ids, 1)).then(|| dir.to_owned())
+    })
+}
+
+/// Refuses, before anything is written, units whose user could not start the server:
+/// no such user, a binary it cannot run, certificates it cannot read, a repository it
+/// cannot write. Each problem comes with the command that fixes it.
+fn check_service_user(user: &str, binary: &Path, certs: &Path, repo: &Path) -> anyhow::Result<()> {
+    let Some(ids) = crate::sys::lookup_user(user) else {
+        bail!(
+            "the service user {user} does not exist; create it first:\n  useradd --system \
+             --no-create-home --shell /usr/sbin/nologin {user}\n(or pass --user NAME; \
+             --no-permission-check writes units for another machine)"
+        );
+    };
+    if ids.uid == 0 {
+        return Ok(());
+    }
+    let mut problems = Vec::new();
+    let mut check = |path: &Path, want: u32, what: &str, fix: String| {
+        if let Some(dir) = blocked_dir(path, &ids) {
+            problems.push(format!(
+                "{user} cannot enter {} on the way to {what} {}: {fix}",
+                dir.display(),
+                path.display()
+            ));
+        } else if let Ok(meta) = std::fs::metadata(path) {
+            if !permits(&meta, &ids, want) {
+                let verb = match want {
+                    1 => "run",
+                    4 => "read",
+                    _ => "write to",
+                };
+                problems.push(format!(
+                    "{user} cannot {verb} {what} {}: {fix}",
+                    path.display()
+                ));
+            }
+        }
+    };
+    check(
+        binary,
+        1,
+        "the server binary",
+        format!(
+            "install it where every user can run it, e.g. `install -m 0755 {} \
+             /usr/local/bin/bst-artifact-server` and pass --binary /usr/local/bin/bst-artifact-server",
+            binary.display()
+        ),
+    );
+    let key = certs.join(SERVER_KEY);
+    check(
+        &key,
+        4,
+        "the server key",
+        format!("`chgrp {user} {k} && chmod 0640 {k}`", k = key.display()),
+    );
+    for name in [SERVER_CERT, CLIENT_CERTS] {
+        let file = certs.join(name);
+        check(
+            &file,
+            4,
+            "the certificate file",
+            format!("`chmod 0644 {}`", file.display()),
+        );
+    }
+    if repo.exists() {
+        check(
+            repo,
+            2 | 1,
+            "the repository",
+            format!("`chown -R {user}: {}`", repo.display()),
+        );
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    bail!(
+        "the units would fail to start as {user}; nothing was written:\n  {}",
+        problems.join("\n  ")
+    )
 }
 
 fn under_home(path: &Path) -> bool {

@@ -287,9 +287,9 @@ useradd --system --no-create-home --shell /usr/sbin/nologin artifacts
 {IN_BIN} gen-server-cert --cn localhost --san localhost --san 127.0.0.1 --dir {CERTS}
 {IN_BIN} gen-client-cert --cn systemd-test-client --dir {CLIENT}
 {IN_BIN} add-client {CLIENT}/client.crt --authorized {CERTS}/authorized.crt
-{IN_BIN} install-units --repo /var/lib/bst-artifacts --certs-dir {CERTS} --bind 127.0.0.1 --pull-port {pull} --push-port {push}
 install -d -o artifacts -g artifacts -m 0750 /var/lib/bst-artifacts
 chgrp artifacts {CERTS}/server.key && chmod 0640 {CERTS}/server.key
+{IN_BIN} install-units --repo /var/lib/bst-artifacts --certs-dir {CERTS} --bind 127.0.0.1 --pull-port {pull} --push-port {push}
 systemctl daemon-reload
 systemctl enable --now {PULL} {PUSH}
 "#

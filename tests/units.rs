@@ -68,7 +68,11 @@ impl Fixture {
     /// `install-units` with the fixture's certificates and target directory.
     fn command(&self, repo: &str, with_binary: bool) -> Command {
         let mut cmd = Command::new(common::BIN);
-        cmd.arg("install-units").args(["--repo", repo]);
+        // The default user does not exist on a test machine: the permission checks have
+        // a test of their own.
+        cmd.arg("install-units")
+            .args(["--repo", repo])
+            .arg("--no-permission-check");
         if let Some(b) = self.binary.as_ref().filter(|_| with_binary) {
             cmd.arg("--binary").arg(b);
         }
@@ -367,4 +371,72 @@ fn paths_under_home_keep_home_readable() {
     let pull = fx.unit(PULL);
     assert!(pull.contains("ProtectHome=read-only\n"), "{pull}");
     assert!(pull.contains("ReadWritePaths=/home/artifacts/artifacts\n"));
+}
+
+/// Before writing anything, install-units checks that the service user exists, can run
+/// the binary and read the certificates, and says what to fix.
+#[test]
+fn the_service_user_must_be_able_to_run_the_server() {
+    use std::os::unix::fs::PermissionsExt;
+    let fx = Fixture::new();
+    let binary = fx.dir.path().join("server-binary");
+    std::fs::copy(common::BIN, &binary).unwrap();
+    let install = |user: &str| {
+        Command::new(common::BIN)
+            .arg("install-units")
+            .args(["--repo", "/srv/bst-artifacts", "--user", user, "--binary"])
+            .arg(&binary)
+            .arg("--certs-dir")
+            .arg(fx.certs())
+            .arg("--target-dir")
+            .arg(fx.units())
+            .output()
+            .unwrap()
+    };
+    let out = install("no-such-user-here");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("useradd --system"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(fx.unit_files().is_empty());
+
+    // `nobody` cannot enter the fixture directory (0700), so neither the binary nor the
+    // certificates are reachable.
+    std::fs::set_permissions(fx.dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = install("nobody");
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    assert!(err.contains("nothing was written"), "{err}");
+    assert!(
+        err.contains("nobody cannot enter") && err.contains("install -m 0755"),
+        "{err}"
+    );
+    assert!(fx.unit_files().is_empty());
+
+    // Reachable, but the key is the owner's only.
+    let mut dir = fx.dir.path().to_owned();
+    while dir != std::path::Path::new("/") {
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode | 0o111)).unwrap();
+        dir.pop();
+    }
+    let key = fx.certs().join("server.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = install("nobody");
+    let err = text(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("nobody cannot read the server key"), "{err}");
+    assert!(
+        err.contains("chgrp nobody") && err.contains("chmod 0640"),
+        "{err}"
+    );
+    assert!(!err.contains("server binary"), "{err}");
+    assert!(fx.unit_files().is_empty());
+
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = install("nobody");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(fx.unit_files(), vec![PULL, PUSH]);
 }
