@@ -168,3 +168,61 @@ async fn gc_acts_on_the_servers_recorded_quota() {
         "gc evicted more than the policy: {bytes} bytes left"
     );
 }
+
+/// A failed health check says what, where and why in one sentence: no Rust debug dumps,
+/// no cause repeated.
+#[test]
+fn healthcheck_failures_are_one_sentence() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let out = Command::new(BIN)
+        .args(["healthcheck", "--addr", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot connect to http://127.0.0.1:{port}: Connection refused"
+        )),
+        "{err}"
+    );
+    for noise in [
+        "Status {",
+        "metadata:",
+        "MetadataMap",
+        "transport error: tcp connect error: tcp",
+    ] {
+        assert!(!err.contains(noise), "{err}");
+    }
+
+    // A plain server asked over TLS: the TLS failure, once.
+    let repo = tempfile::tempdir().unwrap();
+    let server = Server::start(repo.path(), &[]);
+    let certs = tempfile::tempdir().unwrap();
+    let made = Command::new(BIN)
+        .args(["gen-server-cert", "--cn", "localhost", "--dir"])
+        .arg(certs.path())
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", stderr(&made));
+    let out = Command::new(BIN)
+        .args([
+            "healthcheck",
+            "--addr",
+            &format!("127.0.0.1:{}", server.port),
+            "--tls-ca",
+        ])
+        .arg(certs.path().join("server.crt"))
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!("https://127.0.0.1:{}", server.port)),
+        "{err}"
+    );
+}
