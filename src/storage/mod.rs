@@ -2,13 +2,17 @@
 //! together (an asset is only as good as the content it references).
 
 pub mod asset;
+pub mod blob_store;
 pub mod cas;
 pub mod digest;
 pub mod direct;
+pub mod disk_store;
 pub mod existence;
 pub mod lru;
+pub mod memory;
 pub mod objects_dir;
 pub mod policy;
+pub mod store_error;
 pub mod tree;
 pub mod usage;
 pub mod verified;
