@@ -60,33 +60,29 @@ impl ClientLimits {
             .entry(ip)
             .or_insert_with(|| Arc::new(Semaphore::new(self.per_client)))
             .clone();
-        let acquired = match semaphore.clone().try_acquire_owned() {
-            Ok(permit) => Ok(permit),
-            Err(_) => {
-                tracing::debug!(client = %ip, limit = self.per_client, "client at its request limit; queueing");
-                tokio::time::timeout(self.wait, semaphore.clone().acquire_owned())
-                    .await
-                    .map_err(|_| ())
-                    .and_then(|r| r.map_err(|_| ()))
-            }
-        };
-        // Built before checking the result, so that a failed wait also cleans up.
+        // Made before waiting: if the request is cancelled while it waits, dropping this
+        // still forgets an address that has nothing left in progress.
         let mut permit = Permit {
             permit: None,
-            semaphore,
+            semaphore: semaphore.clone(),
             ip,
             limits: self.clone(),
         };
-        match acquired {
-            Ok(p) => {
+        if let Ok(p) = semaphore.clone().try_acquire_owned() {
+            permit.permit = Some(p);
+            return Ok(permit);
+        }
+        tracing::debug!(client = %ip, limit = self.per_client, "client at its request limit; queueing");
+        match tokio::time::timeout(self.wait, semaphore.acquire_owned()).await {
+            Ok(Ok(p)) => {
                 permit.permit = Some(p);
                 Ok(permit)
             }
-            Err(()) => {
+            _ => {
                 tracing::warn!(
                     client = %ip,
                     limit = self.per_client,
-                    "refused a request: the client kept {} requests in progress for {:?}",
+                    "refused a request from {ip}: it kept {} requests in progress for {:?}",
                     self.per_client,
                     self.wait
                 );
@@ -254,6 +250,22 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(p1);
         assert!(waiter.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_request_cancelled_while_waiting_leaves_nothing_behind() {
+        let limits = ClientLimits::new(1, Duration::from_secs(10));
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let held = limits.acquire(ip).await.unwrap();
+        let waiting = tokio::spawn({
+            let limits = limits.clone();
+            async move { limits.acquire(ip).await.map(|_| ()) }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waiting.abort();
+        let _ = waiting.await;
+        drop(held);
+        assert_eq!(limits.active_clients(), 0, "the address was not forgotten");
     }
 
     #[tokio::test]

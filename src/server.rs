@@ -131,7 +131,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         // Outermost first: what is not a gRPC call is refused before it waits for a slot.
         .layer(crate::service::http_guard::GrpcOnlyLayer)
-        .layer(ClientLimitLayer(limits))
+        .layer(ClientLimitLayer(limits.clone()))
         .initial_stream_window_size(Some(STREAM_WINDOW))
         .initial_connection_window_size(Some(16 << 20))
         .max_frame_size(Some(MAX_FRAME))
@@ -187,12 +187,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         write_port_file(path, local.port())?;
     }
     crate::systemd::notify_ready(&ready_status);
-    tokio::spawn(async {
+    // Memory freed after a burst goes back to the system once the server is idle: under
+    // load the allocator's free lists are what the next requests reuse, and handing them
+    // back would only make the next ones fault their pages in again.
+    let idle_limits = limits.clone();
+    tokio::spawn(async move {
         let mut every = tokio::time::interval(RELEASE_MEMORY_EVERY);
         loop {
             every.tick().await;
-            // Off the executor: trimming a large heap takes a while.
-            let _ = tokio::task::spawn_blocking(crate::sys::release_free_memory).await;
+            if idle_limits.active_clients() == 0 {
+                // Off the executor: trimming a large heap takes a while.
+                let _ = tokio::task::spawn_blocking(crate::sys::release_free_memory).await;
+            }
         }
     });
     let mut stopped = stop_rx.clone();

@@ -6,7 +6,8 @@
 //!
 //! Messages start small and double up to [`READ_CHUNK`]: a stalled client (whose window,
 //! 64 KiB by default, the first message fills) leaves a small message behind, while a
-//! client that keeps reading soon gets full-size ones.
+//! client that keeps reading soon gets full-size ones. Once the last piece of a message is
+//! taken, the next message is read ahead, so that reading overlaps with sending.
 
 use super::cas_status;
 use super::grpc_http::{bytes_message_prefix, status_trailers, BodyFrame};
@@ -203,6 +204,14 @@ impl http_body::Body for ReadBody {
         loop {
             if let Some(piece) = this.queue.pop_front() {
                 this.shared.touch();
+                // The client took a whole message: read the next one while this one is
+                // on its way (a stalled client is left holding at most that one more).
+                if this.queue.is_empty()
+                    && this.reading.is_none()
+                    && matches!(this.state, State::Sending)
+                {
+                    this.start_reading();
+                }
                 return Poll::Ready(Some(Ok(BodyFrame::data(piece))));
             }
             match std::mem::replace(&mut this.state, State::Done) {
