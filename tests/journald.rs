@@ -120,9 +120,14 @@ fn forced_journald_keeps_structured_fields() {
     let (entries, _, dir) = run_server(false, "", "--log-target journald");
     let port = std::fs::read_to_string(dir.join("port")).unwrap();
 
-    let serving = find(&entries, "serving");
+    let serving = find(&entries, "serving ");
     assert_eq!(field(serving, "_TRANSPORT"), "journal", "{serving:#?}");
-    assert_eq!(field(serving, "MESSAGE"), "serving");
+    // The start-up line: the effective settings, in the message itself.
+    let message = field(serving, "MESSAGE");
+    assert!(
+        message.starts_with("serving ") && message.contains("plain gRPC (no TLS), read-only"),
+        "{message}"
+    );
     assert_eq!(
         field(serving, "BST_ADDRESS"),
         format!("127.0.0.1:{}", port.trim())
@@ -136,8 +141,9 @@ fn forced_journald_keeps_structured_fields() {
     assert!(field(serving, "CODE_FILE").ends_with("server.rs"));
     assert!(serving.contains_key("CODE_LINE"));
 
+    // A normal stop is ordinary news (INFO), not a warning.
     let stopping = find(&entries, "stopping");
-    assert_eq!(field(stopping, "PRIORITY"), "4");
+    assert_eq!(field(stopping, "PRIORITY"), "5");
     assert_eq!(field(stopping, "BST_SIGNAL"), "SIGTERM");
 
     // Everything went to the journal: nothing logged on stderr.

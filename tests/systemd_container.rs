@@ -324,7 +324,7 @@ systemctl enable --now {PULL} {PUSH}
     let journal = c.sh_ok(&format!("journalctl -u {PULL} -o json --no-pager"));
     let serving = journal
         .lines()
-        .find(|l| l.contains(r#""MESSAGE":"serving""#))
+        .find(|l| l.contains(r#""MESSAGE":"serving "#))
         .unwrap_or_else(|| panic!("no 'serving' entry in the journal:\n{journal}"));
     assert!(serving.contains(r#""_TRANSPORT":"journal""#), "{serving}");
     assert!(

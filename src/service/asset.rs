@@ -165,40 +165,41 @@ impl AssetService {
         let cas = self.cas.clone();
         let require_content = self.require_content;
         blocking(move || {
+            // One walk of the closure, which starts with the asset's own blob (or root
+            // directory). That one absent means nothing says the content belongs here: an
+            // index entry for content stored elsewhere. Unless uploads were just refused
+            // for lack of space: BuildStream pushes the asset even then, and its content
+            // may be exactly what was refused.
             let content_elsewhere = match &cas {
                 None => true,
-                // The asset's own blob (or root directory) is where a client storing the
-                // content here starts; without it, nothing says the content belongs here.
-                // Unless uploads were just refused for lack of space: BuildStream pushes
-                // the asset even then, and its content may be exactly what was refused.
-                Some(cas)
-                    if !require_content
-                        && !cas.refused_space_within(SPACE_REFUSAL_MEMORY)
-                        && !cas.contains(&digest) =>
+                Some(cas) => match first_missing_in_closure(
+                    cas,
+                    kind,
+                    &digest,
+                    &references_blobs,
+                    &references_directories,
+                )
+                .map_err(tree_status)?
                 {
-                    tracing::info!(
-                        uris = ?uris,
-                        %digest,
-                        "{name}: content not stored here; recording an index entry"
-                    );
-                    true
-                }
-                Some(cas) => {
-                    if let Some(missing) = first_missing_in_closure(
-                        cas,
-                        kind,
-                        &digest,
-                        &references_blobs,
-                        &references_directories,
-                    )
-                    .map_err(tree_status)?
+                    None => false,
+                    Some(missing)
+                        if missing == digest
+                            && !require_content
+                            && !cas.refused_space_within(SPACE_REFUSAL_MEMORY) =>
                     {
+                        tracing::debug!(
+                            uris = ?uris,
+                            %digest,
+                            "{name}: content not stored here; recording an index entry"
+                        );
+                        true
+                    }
+                    Some(missing) => {
                         return Err(Status::failed_precondition(format!(
                             "{name}: referenced content {missing} is not stored; upload it before pushing the asset"
                         )));
                     }
-                    false
-                }
+                },
             };
             for uri in uris {
                 let entry = AssetEntry {
