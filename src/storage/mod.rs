@@ -4,14 +4,11 @@
 pub mod asset;
 pub mod cas;
 pub mod digest;
-pub mod direct;
-pub mod existence;
-pub mod lru;
-pub mod objects_dir;
+pub mod disk;
 pub mod policy;
 pub mod tree;
-pub mod usage;
-pub mod verified;
+
+pub(crate) use disk::direct;
 
 use asset::{AssetEntry, AssetKind};
 use cas::CasStore;

@@ -11,7 +11,8 @@
 //! then keep pointing at the removed directory, so a lookup that finds nothing checks
 //! whether the directory it used is still linked, and reopens it by path if not.
 
-use super::digest::Digest;
+use super::layout;
+use crate::storage::digest::Digest;
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
@@ -27,16 +28,11 @@ pub struct ObjectsDir {
 }
 
 /// `ab/cdef…` and a NUL: the object's name relative to the objects directory.
-struct RelName([u8; 2 + 1 + 62 + 1]);
+struct RelName([u8; 66]);
 
 impl RelName {
     fn of(d: &Digest) -> Self {
-        let h = d.hash().as_bytes();
-        let mut b = [0u8; 66];
-        b[..2].copy_from_slice(&h[..2]);
-        b[2] = b'/';
-        b[3..65].copy_from_slice(&h[2..64]);
-        RelName(b)
+        RelName(layout::relative_name(d.hash()))
     }
 
     fn as_cstr(&self) -> &CStr {

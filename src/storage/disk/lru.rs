@@ -9,7 +9,8 @@
 //! newer mtime and survive, as LRU demands. Evicting down to a low watermark makes these
 //! scans rare: one per (quota - low watermark) bytes written.
 
-use super::digest::EMPTY_SHA256;
+use super::layout::{is_object, is_shard};
+use crate::storage::digest::EMPTY_SHA256;
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -35,19 +36,8 @@ pub struct EvictReport {
     pub freed_objects: u64,
 }
 
-fn is_shard(name: &str) -> bool {
-    name.len() == 2 && name.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-fn is_object(name: &str) -> bool {
-    name.len() == 62 && name.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
 fn is_empty_blob(path: &Path) -> bool {
-    fn name(p: Option<&Path>) -> Option<&str> {
-        p.and_then(|p| p.file_name()).and_then(|n| n.to_str())
-    }
-    name(Some(path)) == Some(&EMPTY_SHA256[2..]) && name(path.parent()) == Some(&EMPTY_SHA256[..2])
+    super::layout::hash_of_path(path).as_deref() == Some(EMPTY_SHA256)
 }
 
 /// Calls `f(path, size, mtime_ns)` for every object file. Entries that vanish during
