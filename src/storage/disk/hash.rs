@@ -3,7 +3,8 @@
 
 use super::CasError;
 use sha2::{Digest as _, Sha256};
-use std::io;
+use std::io::{self, Read};
+use std::path::Path;
 
 /// Blobs from this size on are hashed on a thread of their own while they are written
 /// (uploads) or sent (verified reads), so that one stream is not limited by hashing plus
@@ -77,5 +78,45 @@ impl Hashing {
             }
         };
         Ok(hex::encode(h.finalize()))
+    }
+}
+
+/// Pieces in which [`file_sha256`] reads: large enough for few system calls, small
+/// enough that checking a repository of large blobs holds little memory.
+const FILE_PIECE: usize = 1 << 20;
+
+/// The SHA-256 (hex) and length of the file at `path`, read in pieces.
+pub(crate) fn file_sha256(path: &Path) -> io::Result<(String, u64)> {
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; FILE_PIECE];
+    let mut h = Sha256::new();
+    let mut len = 0u64;
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => return Ok((hex::encode(h.finalize()), len)),
+            Ok(n) => {
+                h.update(&buf[..n]);
+                len += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_hash_matches_the_hash_of_its_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        // More than one piece, and not a whole number of them.
+        let data: Vec<u8> = (0..FILE_PIECE * 2 + 7).map(|i| (i * 7) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let (hash, len) = file_sha256(&path).unwrap();
+        assert_eq!(hash, hex::encode(Sha256::digest(&data)));
+        assert_eq!(len, data.len() as u64);
     }
 }

@@ -154,6 +154,13 @@ impl CasStore {
         });
     }
 
+    /// Whether the object file at `path` holds exactly the content `digest` names. Reads
+    /// it in pieces, so checking a large blob does not hold it in memory.
+    pub fn object_matches(&self, digest: &Digest, path: &Path) -> bool {
+        hash::file_sha256(path)
+            .is_ok_and(|(hash, len)| len == digest.size() && hash == digest.hash())
+    }
+
     pub fn policy(&self) -> QuotaPolicy {
         self.policy
     }
