@@ -177,12 +177,11 @@ impl CasStore {
             return;
         }
         match File::open(&self.objects) {
-            // SAFETY: syncfs on a descriptor we own.
-            Ok(dir) => unsafe {
-                if libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&dir)) != 0 {
-                    tracing::error!(error = %io::Error::last_os_error(), "syncfs failed");
+            Ok(dir) => {
+                if let Err(e) = crate::sys::sync_filesystem(&dir) {
+                    tracing::error!(error = %e, "syncfs failed");
                 }
-            },
+            }
             Err(e) => tracing::error!(error = %e, "opening the object directory to sync it"),
         }
     }

@@ -6,7 +6,6 @@ use super::lru;
 use super::usage::SharedCounter;
 use super::{CasError, CasStore};
 use std::fs::File;
-use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -155,13 +154,9 @@ impl CasStore {
             .write(true)
             .open(&self.lock_path)
             .map_err(|e| CasError::io("opening the eviction lock", e))?;
-        // SAFETY: flock on a descriptor we own; released when `lock` is closed.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-            return Err(CasError::io(
-                "taking the eviction lock",
-                io::Error::last_os_error(),
-            ));
-        }
+        // Released when `lock` is closed.
+        crate::sys::lock_exclusive(&lock)
+            .map_err(|e| CasError::io("taking the eviction lock", e))?;
         Ok((guard, lock))
     }
 
@@ -260,16 +255,7 @@ impl Drop for Reservation {
 
 /// Size and free bytes (for unprivileged writers) of the filesystem holding `path`.
 pub fn filesystem_space(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs is plain old data; zeroed is a valid value for it.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid path and an out-parameter of the right type.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    let unit = st.f_frsize as u64;
-    Some((st.f_blocks as u64 * unit, st.f_bavail as u64 * unit))
+    crate::sys::filesystem_space(path)
 }
 
 fn free_space(path: &Path) -> Option<u64> {

@@ -159,7 +159,7 @@ impl CasStore {
                 .and_then(|n| n.split('-').next())
                 .and_then(|p| p.parse::<i32>().ok());
             let stale = match owner {
-                Some(pid) => !process_alive(pid),
+                Some(pid) => !crate::sys::process_alive(pid),
                 None => true,
             };
             if stale {
@@ -323,26 +323,9 @@ fn open_anonymous(dir: &Path) -> io::Result<File> {
 /// Gives the anonymous `file` the name `to`; fails with `AlreadyExists` if it is taken.
 fn link_anonymous(file: &File, to: &Path) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    use std::os::unix::ffi::OsStrExt;
     // linkat(AT_EMPTY_PATH) would need CAP_DAC_READ_SEARCH; the /proc link does not.
-    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", file.as_raw_fd()))
-        .map_err(io::Error::other)?;
-    let to = std::ffi::CString::new(to.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    // SAFETY: two valid NUL-terminated paths.
-    let r = unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    let from = format!("/proc/self/fd/{}", file.as_raw_fd());
+    crate::sys::link_following(Path::new(&from), to)
 }
 
 /// Links the verified anonymous upload `file` of `size` bytes in as `to`. Returns false
@@ -384,13 +367,4 @@ pub(crate) fn rename_into_place(from: &Path, to: &Path) -> io::Result<()> {
         }
         other => other,
     }
-}
-
-fn process_alive(pid: i32) -> bool {
-    if pid <= 0 {
-        return false;
-    }
-    // SAFETY: signal 0 only checks for existence and permission.
-    let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }

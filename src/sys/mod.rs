@@ -1,4 +1,14 @@
-//! Process-wide system settings that need raw system calls.
+//! Every raw system call of the crate, behind safe functions: the one place where
+//! `unsafe` is allowed (lib.rs denies it elsewhere). Each `unsafe` block says why it is
+//! sound.
+
+mod aligned;
+mod fs;
+mod shared_u64;
+
+pub(crate) use aligned::{AlignedBuf, ALIGN};
+pub(crate) use fs::*;
+pub(crate) use shared_u64::SharedU64;
 
 /// Raises the soft limit on open files to the hard limit, so that a busy server (every
 /// connection, upload and read holds a descriptor) does not run out at the usual soft
@@ -33,6 +43,16 @@ pub fn release_free_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// Whether the system's user database knows a user `name`.
+pub(crate) fn user_exists(name: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: getpwnam with a valid NUL-terminated string; only the null-ness of the result
+    // is used, before any other passwd call could overwrite its static buffer.
+    unsafe { !libc::getpwnam(name.as_ptr()).is_null() }
 }
 
 /// A user's identity as the kernel checks file access: uid, primary and supplementary
