@@ -9,7 +9,7 @@
 //! directory is the very one, unmodified, it saw when the answers were recorded.
 //! Directory timestamps come from a coarse clock, so a shard is trusted only when its
 //! last change is at least [`SETTLE`] old: any later change then gets a later time.
-//! See docs/adr/0003-find-missing-existence-cache.md.
+//! See docs/adr/0004-find-missing-and-read-verification.md.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};

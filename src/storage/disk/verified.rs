@@ -8,7 +8,7 @@
 //! content, so a replaced object (a new upload, a peer's re-upload after eviction, a
 //! file copied in by hand) is checked again. Content changed in place under a running
 //! server, behind the 0444 mode, is outside what this detects; `verify REPO` re-hashes
-//! everything. See docs/adr/0004-verify-once.md.
+//! everything. See docs/adr/0004-find-missing-and-read-verification.md.
 
 use super::existence::{Key, KeyHasher};
 use std::collections::HashMap;
