@@ -44,7 +44,8 @@ impl ClientLimits {
         })
     }
 
-    /// Addresses with requests in progress or waiting (for tests and status).
+    /// Addresses with requests in progress or waiting.
+    #[cfg(test)]
     pub fn active_clients(&self) -> usize {
         self.lock().len()
     }

@@ -1,6 +1,6 @@
 //! The blob store's public names at their historical path; the engine itself is in
 //! [`super::disk`].
 
-pub use super::disk::{
-    filesystem_space, BlobReader, BlobWriter, CasError, CasStore, QuotaPolicy, HASH_THREAD_MIN,
+pub(crate) use super::disk::{
+    filesystem_space, BlobReader, BlobWriter, CasError, CasStore, QuotaPolicy,
 };

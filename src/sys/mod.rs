@@ -13,7 +13,7 @@ pub(crate) use shared_u64::SharedU64;
 /// Raises the soft limit on open files to the hard limit, so that a busy server (every
 /// connection, upload and read holds a descriptor) does not run out at the usual soft
 /// limit of 1,024. Returns the limits (soft before, soft after), or the error.
-pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
+pub(crate) fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -37,7 +37,7 @@ pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
 /// Gives memory the allocator holds but no longer uses back to the system. After a
 /// burst of streams (many buffers freed at once) glibc keeps the freed pages in its
 /// arenas; this returns them, so that the resident size follows the load down.
-pub fn release_free_memory() {
+pub(crate) fn release_free_memory() {
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     unsafe {
@@ -58,14 +58,14 @@ pub(crate) fn user_exists(name: &str) -> bool {
 /// A user's identity as the kernel checks file access: uid, primary and supplementary
 /// groups.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UserIds {
-    pub uid: u32,
-    pub gid: u32,
-    pub groups: Vec<u32>,
+pub(crate) struct UserIds {
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) groups: Vec<u32>,
 }
 
 /// Looks a user up in the system's user database (NSS); None if there is no such user.
-pub fn lookup_user(name: &str) -> Option<UserIds> {
+pub(crate) fn lookup_user(name: &str) -> Option<UserIds> {
     let cname = std::ffi::CString::new(name).ok()?;
     let mut buf = vec![0 as libc::c_char; 16 << 10];
     // SAFETY: passwd is plain old data; getpwnam_r fills it, pointing into `buf`, which

@@ -21,17 +21,17 @@ pub(crate) use crate::sys::AlignedBuf;
 
 pub(crate) use crate::sys::ALIGN;
 /// Size of the staging buffer, hence of each direct write.
-pub const STAGING: usize = 512 << 10;
+pub(crate) const STAGING: usize = 512 << 10;
 
 /// An output file, written directly when that works and through the page cache when not.
-pub struct OutputFile {
+pub(crate) struct OutputFile {
     file: File,
     staging: Option<Staging>,
 }
 
 impl OutputFile {
     /// Buffered writes, as for any small file.
-    pub fn buffered(file: File) -> Self {
+    pub(crate) fn buffered(file: File) -> Self {
         OutputFile {
             file,
             staging: None,
@@ -39,16 +39,16 @@ impl OutputFile {
     }
 
     /// Direct writes if the filesystem takes them, else buffered.
-    pub fn direct(file: File) -> Self {
+    pub(crate) fn direct(file: File) -> Self {
         let staging = Staging::new().filter(|_| set_direct(&file, true).is_ok());
         OutputFile { file, staging }
     }
 
-    pub fn file(&self) -> &File {
+    pub(crate) fn file(&self) -> &File {
         &self.file
     }
 
-    pub fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
+    pub(crate) fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
         let Some(staging) = &mut self.staging else {
             return self.file.write_all(data);
         };
@@ -73,7 +73,7 @@ impl OutputFile {
     }
 
     /// Writes what is still staged; the file is complete once this returns.
-    pub fn finish(&mut self) -> io::Result<()> {
+    pub(crate) fn finish(&mut self) -> io::Result<()> {
         let Some(staging) = self.staging.take() else {
             return Ok(());
         };

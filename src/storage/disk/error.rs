@@ -3,7 +3,7 @@
 use std::io;
 
 #[derive(Debug, thiserror::Error)]
-pub enum CasError {
+pub(crate) enum CasError {
     #[error("uploaded data has SHA-256 {actual}, but the digest says {expected}")]
     HashMismatch { expected: String, actual: String },
     #[error("uploaded data is {actual} bytes, but the digest says {expected}")]
@@ -37,7 +37,7 @@ impl CasError {
     }
 
     /// True when the disk (not the client) is the problem and the client may retry later.
-    pub fn is_out_of_space(&self) -> bool {
+    pub(crate) fn is_out_of_space(&self) -> bool {
         match self {
             CasError::TooLarge { .. } | CasError::NoSpace { .. } => true,
             CasError::Io { source, .. } => {

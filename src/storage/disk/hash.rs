@@ -9,7 +9,7 @@ use std::path::Path;
 /// Blobs from this size on are hashed on a thread of their own while they are written
 /// (uploads) or sent (verified reads), so that one stream is not limited by hashing plus
 /// I/O on one core.
-pub const HASH_THREAD_MIN: u64 = 4 << 20;
+pub(crate) const HASH_THREAD_MIN: u64 = 4 << 20;
 
 /// Stack of the per-stream hashing threads: they only run SHA-256 over what they are
 /// handed, and with one per stream the default 2 MiB would add up.

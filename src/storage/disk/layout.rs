@@ -13,15 +13,15 @@ const HASH_LEN: usize = 64;
 #[derive(Clone, Debug)]
 pub(crate) struct CasPaths {
     /// `REPO/cas/objects`: the shard directories.
-    pub objects: PathBuf,
+    pub(crate) objects: PathBuf,
     /// `REPO/cas/tmp`: named upload temporaries (where anonymous ones are unavailable).
-    pub tmp: PathBuf,
+    pub(crate) tmp: PathBuf,
     /// `REPO/cas/quarantine`: damaged objects moved aside.
-    pub quarantine: PathBuf,
+    pub(crate) quarantine: PathBuf,
     /// `REPO/cas/evict.lock`: one evictor across processes.
-    pub evict_lock: PathBuf,
+    pub(crate) evict_lock: PathBuf,
     /// `REPO/cas/usage`: the shared byte counter.
-    pub usage: PathBuf,
+    pub(crate) usage: PathBuf,
 }
 
 impl CasPaths {

@@ -20,20 +20,20 @@ use std::path::{Path, PathBuf};
 const MAX_BUCKETS: usize = 1 << 16;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct ScanSummary {
-    pub objects: u64,
-    pub bytes: u64,
+pub(crate) struct ScanSummary {
+    pub(crate) objects: u64,
+    pub(crate) bytes: u64,
     /// Oldest and newest LRU stamps (mtime, nanoseconds since the epoch).
-    pub oldest: Option<i64>,
-    pub newest: Option<i64>,
+    pub(crate) oldest: Option<i64>,
+    pub(crate) newest: Option<i64>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct EvictReport {
+pub(crate) struct EvictReport {
     /// Bytes stored when the eviction started (measured).
-    pub scanned_bytes: u64,
-    pub freed_bytes: u64,
-    pub freed_objects: u64,
+    pub(crate) scanned_bytes: u64,
+    pub(crate) freed_bytes: u64,
+    pub(crate) freed_objects: u64,
 }
 
 fn is_empty_blob(path: &Path) -> bool {
@@ -42,7 +42,7 @@ fn is_empty_blob(path: &Path) -> bool {
 
 /// Calls `f(path, size, mtime_ns)` for every object file. Entries that vanish during
 /// the walk (a peer evicting) are skipped.
-pub fn for_each_object(objects: &Path, mut f: impl FnMut(PathBuf, u64, i64)) {
+pub(crate) fn for_each_object(objects: &Path, mut f: impl FnMut(PathBuf, u64, i64)) {
     let Ok(shards) = fs::read_dir(objects) else {
         return;
     };
@@ -71,7 +71,7 @@ pub fn for_each_object(objects: &Path, mut f: impl FnMut(PathBuf, u64, i64)) {
     }
 }
 
-pub fn scan(objects: &Path) -> ScanSummary {
+pub(crate) fn scan(objects: &Path) -> ScanSummary {
     let mut s = ScanSummary::default();
     for_each_object(objects, |_, size, mtime| {
         s.objects += 1;
@@ -132,7 +132,11 @@ impl Histogram {
 /// freed, where `total` is the measured size of the store. The caller holds the
 /// repository's eviction lock. With `dry_run` nothing is deleted and the report says
 /// what would have been.
-pub fn evict(objects: &Path, to_free: impl FnOnce(u64) -> u64, dry_run: bool) -> EvictReport {
+pub(crate) fn evict(
+    objects: &Path,
+    to_free: impl FnOnce(u64) -> u64,
+    dry_run: bool,
+) -> EvictReport {
     let mut hist = Histogram::new();
     let mut total = 0u64;
     for_each_object(objects, |_, size, mtime| {

@@ -29,12 +29,11 @@ mod usage;
 mod verified;
 mod write;
 
-pub use error::CasError;
-pub use hash::HASH_THREAD_MIN;
-pub use quota::{filesystem_space, QuotaPolicy};
-pub use read::BlobReader;
+pub(crate) use error::CasError;
+pub(crate) use quota::{filesystem_space, QuotaPolicy};
+pub(crate) use read::BlobReader;
 pub(crate) use write::rename_into_place;
-pub use write::BlobWriter;
+pub(crate) use write::BlobWriter;
 
 use crate::storage::digest::Digest;
 use existence::{key_of, DirStamp, ExistenceCache};
@@ -50,7 +49,7 @@ use std::time::Duration;
 use usage::SharedCounter;
 use verified::VerifiedSet;
 
-pub struct CasStore {
+pub(crate) struct CasStore {
     objects: PathBuf,
     /// `objects`, held open for lookups.
     dir: ObjectsDir,
@@ -87,11 +86,12 @@ pub struct CasStore {
 impl CasStore {
     /// Opens (creating if needed) the CAS under `repo` with no quota, and removes
     /// temporary files left behind by processes that no longer run.
-    pub fn open(repo: &Path) -> Result<Self, CasError> {
+    #[cfg(test)]
+    pub(crate) fn open(repo: &Path) -> Result<Self, CasError> {
         Self::open_with(repo, QuotaPolicy::unlimited())
     }
 
-    pub fn open_with(repo: &Path, policy: QuotaPolicy) -> Result<Self, CasError> {
+    pub(crate) fn open_with(repo: &Path, policy: QuotaPolicy) -> Result<Self, CasError> {
         let CasPaths {
             objects,
             tmp,
@@ -135,17 +135,17 @@ impl CasStore {
     }
 
     /// For tools that inspect the store: looking must not make objects look recently used.
-    pub fn without_lru_refresh(mut self) -> Self {
+    pub(crate) fn without_lru_refresh(mut self) -> Self {
         self.refresh_lru = false;
         self
     }
 
-    pub fn objects_total(&self) -> lru::ScanSummary {
+    pub(crate) fn objects_total(&self) -> lru::ScanSummary {
         lru::scan(&self.objects)
     }
 
     /// Every stored object, with its size (for verification tools).
-    pub fn for_each_object(&self, mut f: impl FnMut(Digest, PathBuf)) {
+    pub(crate) fn for_each_object(&self, mut f: impl FnMut(Digest, PathBuf)) {
         lru::for_each_object(&self.objects, |path, size, _| {
             let hash = layout::hash_of_path(&path);
             if let Some(Ok(d)) = hash.map(|h| Digest::new(&h, size as i64)) {
@@ -156,23 +156,14 @@ impl CasStore {
 
     /// Whether the object file at `path` holds exactly the content `digest` names. Reads
     /// it in pieces, so checking a large blob does not hold it in memory.
-    pub fn object_matches(&self, digest: &Digest, path: &Path) -> bool {
+    pub(crate) fn object_matches(&self, digest: &Digest, path: &Path) -> bool {
         hash::file_sha256(path)
             .is_ok_and(|(hash, len)| len == digest.size() && hash == digest.hash())
     }
 
-    pub fn policy(&self) -> QuotaPolicy {
-        self.policy
-    }
-
-    /// The shared estimate of bytes stored (and reserved by uploads in progress).
-    pub fn usage(&self) -> u64 {
-        self.usage.load()
-    }
-
     /// Flushes everything written so far to stable storage if anything was committed
     /// since the last call. See the durability policy in the storage ADR.
-    pub fn sync_if_dirty(&self) {
+    pub(crate) fn sync_if_dirty(&self) {
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return;
         }
@@ -188,7 +179,7 @@ impl CasStore {
 
     /// Starts the background work of a serving process: the initial measurement (then
     /// an eviction if the store is already over quota) and the periodic flush.
-    pub fn start_background(self: &Arc<Self>, sync_interval: Duration) {
+    pub(crate) fn start_background(self: &Arc<Self>, sync_interval: Duration) {
         let me = self.clone();
         std::thread::Builder::new()
             .name("cas-scan".into())
@@ -221,7 +212,7 @@ impl CasStore {
 
     /// Moves a damaged object aside so it is neither served nor counted, and a fresh
     /// upload can replace it.
-    pub fn quarantine(&self, d: &Digest, reason: &str) {
+    pub(crate) fn quarantine(&self, d: &Digest, reason: &str) {
         let from = self.path_of(d);
         let to = self.quarantine.join(format!(
             "{}-{}",
@@ -245,11 +236,12 @@ impl CasStore {
         }
     }
 
-    pub fn objects_dir(&self) -> &Path {
+    #[cfg(test)]
+    pub(crate) fn objects_dir(&self) -> &Path {
         &self.objects
     }
 
-    pub fn path_of(&self, d: &Digest) -> PathBuf {
+    pub(crate) fn path_of(&self, d: &Digest) -> PathBuf {
         layout::sharded_path(&self.objects, d.hash())
     }
 
@@ -261,7 +253,7 @@ impl CasStore {
     /// digest is the empty blob's) would look incomplete to them. So every repository
     /// holds it, created here whenever it is found missing (it costs no quota), and
     /// eviction never removes it.
-    pub fn ensure_empty_blob(&self) -> bool {
+    pub(crate) fn ensure_empty_blob(&self) -> bool {
         let d = Digest::empty();
         match self.dir.stat(&d) {
             Ok(st) if is_regular(&st) && st.st_size == 0 => return true,
@@ -302,7 +294,7 @@ impl CasStore {
     }
 
     /// Whether the blob is present (with the right size); a hit refreshes its LRU stamp.
-    pub fn contains(&self, d: &Digest) -> bool {
+    pub(crate) fn contains(&self, d: &Digest) -> bool {
         if d.is_empty_blob() {
             return self.ensure_empty_blob();
         }
@@ -323,8 +315,8 @@ impl CasStore {
 
     /// The digests among `digests` that are absent (FindMissingBlobs), in request order.
     /// Present blobs get their LRU stamps refreshed, except those the existence cache
-    /// vouches for (verified within [`super::existence::REVERIFY`]).
-    pub fn find_missing(&self, digests: Vec<Digest>) -> Vec<Digest> {
+    /// vouches for (verified within [`existence::REVERIFY`]).
+    pub(crate) fn find_missing(&self, digests: Vec<Digest>) -> Vec<Digest> {
         let now = std::time::SystemTime::now();
         // Each shard directory is looked at once per request, before any of its blobs.
         let mut stamps: Vec<Option<Option<DirStamp>>> = vec![None; 256];

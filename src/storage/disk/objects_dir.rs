@@ -21,7 +21,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
-pub struct ObjectsDir {
+pub(crate) struct ObjectsDir {
     path: PathBuf,
     /// `None` while the directory does not exist.
     fd: RwLock<Option<OwnedFd>>,
@@ -42,7 +42,7 @@ impl RelName {
 }
 
 impl ObjectsDir {
-    pub fn open(path: &Path) -> Self {
+    pub(crate) fn open(path: &Path) -> Self {
         ObjectsDir {
             path: path.to_owned(),
             fd: RwLock::new(open_dir(path).ok()),
@@ -50,7 +50,7 @@ impl ObjectsDir {
     }
 
     /// `fstatat` of the object.
-    pub fn stat(&self, d: &Digest) -> io::Result<libc::stat> {
+    pub(crate) fn stat(&self, d: &Digest) -> io::Result<libc::stat> {
         let name = RelName::of(d);
         self.at(|dir| sys::stat_at(dir, name.as_cstr()))
     }
@@ -58,7 +58,7 @@ impl ObjectsDir {
     /// Opens the object for reading. `O_NOATIME` because a read that updates atime
     /// dirties the inode (the LRU stamp is mtime, set on purpose by [`touch_file`]);
     /// it is only allowed to the file's owner, so others fall back to a plain open.
-    pub fn open_read(&self, d: &Digest) -> io::Result<File> {
+    pub(crate) fn open_read(&self, d: &Digest) -> io::Result<File> {
         let name = RelName::of(d);
         self.at(|dir| {
             let flags = libc::O_RDONLY | libc::O_CLOEXEC;
@@ -71,7 +71,7 @@ impl ObjectsDir {
     }
 
     /// Sets the object's mtime (its LRU stamp) to now; see [`touch_file`].
-    pub fn touch(&self, d: &Digest) {
+    pub(crate) fn touch(&self, d: &Digest) {
         let name = RelName::of(d);
         let _ = self.at(|dir| sys::touch_at(dir, name.as_cstr()));
     }
@@ -111,12 +111,12 @@ impl ObjectsDir {
 
 /// Sets mtime (the LRU stamp, as casd uses it) of an open file to now. Failure is
 /// harmless: the blob is still served, it only ages as if it had not been used.
-pub fn touch_file(f: &File) {
+pub(crate) fn touch_file(f: &File) {
     let _ = sys::touch_file(f);
 }
 
 /// [`touch_file`] by path.
-pub fn touch_path(path: &Path) {
+pub(crate) fn touch_path(path: &Path) {
     let _ = sys::touch_path(path);
 }
 

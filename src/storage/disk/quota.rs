@@ -13,17 +13,17 @@ use std::time::Duration;
 
 /// How much the store may hold. See docs/adr/0001-storage-engine.md.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct QuotaPolicy {
+pub(crate) struct QuotaPolicy {
     /// Upper bound on stored blob bytes; `None` for no bound.
-    pub quota: Option<u64>,
+    pub(crate) quota: Option<u64>,
     /// What eviction frees down to once the quota would be passed.
-    pub low_watermark: u64,
+    pub(crate) low_watermark: u64,
     /// Free filesystem space to keep; below it, evict or refuse writes.
-    pub reserve: u64,
+    pub(crate) reserve: u64,
 }
 
 impl QuotaPolicy {
-    pub fn unlimited() -> Self {
+    pub(crate) fn unlimited() -> Self {
         QuotaPolicy {
             quota: None,
             low_watermark: u64::MAX,
@@ -42,7 +42,7 @@ impl CasStore {
     }
 
     /// Whether this process refused an upload for lack of space within `window`.
-    pub fn refused_space_within(&self, window: Duration) -> bool {
+    pub(crate) fn refused_space_within(&self, window: Duration) -> bool {
         let at = self.space_refused_at.load(Ordering::Relaxed);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -53,7 +53,7 @@ impl CasStore {
 
     /// Measures the store and replaces the shared estimate with the measurement. Runs in
     /// the background at start-up so that listening never waits for it.
-    pub fn rescan(&self) -> lru::ScanSummary {
+    pub(crate) fn rescan(&self) -> lru::ScanSummary {
         let committed_before = self.local_committed.load(Ordering::Relaxed);
         let summary = lru::scan(&self.objects);
         self.store_measured_usage(summary.bytes, committed_before);
@@ -72,7 +72,7 @@ impl CasStore {
 
     /// Ensures `size` more bytes fit under the quota and the free-space reserve,
     /// evicting least-recently-used objects if needed.
-    pub fn make_room(&self, size: u64) -> Result<(), CasError> {
+    pub(crate) fn make_room(&self, size: u64) -> Result<(), CasError> {
         let shortfall = || self.shortfall(size);
         if shortfall().is_none() {
             return Ok(());
@@ -161,7 +161,10 @@ impl CasStore {
     }
 
     /// Evicts least recently used objects down to the low watermark (for `gc`).
-    pub fn evict_to_low_watermark(&self, dry_run: bool) -> Result<lru::EvictReport, CasError> {
+    pub(crate) fn evict_to_low_watermark(
+        &self,
+        dry_run: bool,
+    ) -> Result<lru::EvictReport, CasError> {
         let _lock = self.lock_eviction()?;
         let committed_before = self.local_committed.load(Ordering::Relaxed);
         let low = self.policy.low_watermark;
@@ -254,7 +257,7 @@ impl Drop for Reservation {
 }
 
 /// Size and free bytes (for unprivileged writers) of the filesystem holding `path`.
-pub fn filesystem_space(path: &Path) -> Option<(u64, u64)> {
+pub(crate) fn filesystem_space(path: &Path) -> Option<(u64, u64)> {
     crate::sys::filesystem_space(path)
 }
 

@@ -35,7 +35,7 @@ impl CasStore {
     }
 
     /// Reads a whole blob (callers bound the size), or `None` when absent.
-    pub fn read_all(&self, d: &Digest) -> Result<Option<Vec<u8>>, CasError> {
+    pub(crate) fn read_all(&self, d: &Digest) -> Result<Option<Vec<u8>>, CasError> {
         if d.is_empty_blob() {
             return Ok(Some(Vec::new()));
         }
@@ -63,7 +63,7 @@ impl CasStore {
     /// Opens a streaming reader of `[offset, end)`. A read of the whole blob verifies its
     /// hash and fails with [`CasError::Corrupt`] at the end if it does not match, so a
     /// damaged object (e.g. after power loss) is never passed off as good.
-    pub fn open_reader(
+    pub(crate) fn open_reader(
         &self,
         d: &Digest,
         offset: u64,
@@ -104,7 +104,7 @@ impl CasStore {
 }
 
 /// Streams a byte range of a stored blob; see [`CasStore::open_reader`].
-pub struct BlobReader {
+pub(crate) struct BlobReader {
     digest: Digest,
     file: Option<File>,
     pos: u64,
@@ -122,7 +122,7 @@ pub struct BlobReader {
 
 impl BlobReader {
     /// Bytes left to read.
-    pub fn remaining(&self) -> u64 {
+    pub(crate) fn remaining(&self) -> u64 {
         self.end.saturating_sub(self.pos)
     }
 
@@ -130,7 +130,7 @@ impl BlobReader {
     /// A whole-blob read is verified before its last chunk is handed out, so a client
     /// never receives all of a damaged blob. `store` is needed only to quarantine the
     /// object if verification fails.
-    pub fn next_chunk(
+    pub(crate) fn next_chunk(
         &mut self,
         max: u64,
         store: &CasStore,

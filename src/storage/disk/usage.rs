@@ -16,10 +16,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub struct SharedCounter(SharedU64);
+pub(crate) struct SharedCounter(SharedU64);
 
 impl SharedCounter {
-    pub fn open(path: &Path) -> io::Result<Self> {
+    pub(crate) fn open(path: &Path) -> io::Result<Self> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -34,16 +34,16 @@ impl SharedCounter {
         self.0.get()
     }
 
-    pub fn load(&self) -> u64 {
+    pub(crate) fn load(&self) -> u64 {
         self.get().load(Ordering::Relaxed)
     }
 
-    pub fn add(&self, n: u64) {
+    pub(crate) fn add(&self, n: u64) {
         self.get().fetch_add(n, Ordering::Relaxed);
     }
 
     /// Subtracts, saturating at zero (the estimate may have drifted low).
-    pub fn sub(&self, n: u64) {
+    pub(crate) fn sub(&self, n: u64) {
         let _ = self
             .get()
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
@@ -51,7 +51,7 @@ impl SharedCounter {
             });
     }
 
-    pub fn store(&self, v: u64) {
+    pub(crate) fn store(&self, v: u64) {
         self.get().store(v, Ordering::Relaxed);
     }
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 impl CasStore {
     /// Stores a complete blob held in memory, verifying it against its digest.
-    pub fn put(&self, d: &Digest, data: &[u8]) -> Result<(), CasError> {
+    pub(crate) fn put(&self, d: &Digest, data: &[u8]) -> Result<(), CasError> {
         let mut w = self.begin_write(d.clone())?;
         w.write(data)?;
         w.commit()
@@ -26,7 +26,7 @@ impl CasStore {
 
     /// Starts a streaming upload. When the blob is already present the data is still
     /// verified but not written again.
-    pub fn begin_write(&self, digest: Digest) -> Result<BlobWriter, CasError> {
+    pub(crate) fn begin_write(&self, digest: Digest) -> Result<BlobWriter, CasError> {
         let final_path = self.path_of(&digest);
         let sink = if self.contains(&digest) {
             None
@@ -177,7 +177,7 @@ struct TempFile {
 }
 
 /// An upload in progress. Dropping it without [`BlobWriter::commit`] discards the data.
-pub struct BlobWriter {
+pub(crate) struct BlobWriter {
     digest: Digest,
     final_path: PathBuf,
     sink: Option<TempFile>,
@@ -190,7 +190,7 @@ pub struct BlobWriter {
 }
 
 impl BlobWriter {
-    pub fn write(&mut self, data: &[u8]) -> Result<(), CasError> {
+    pub(crate) fn write(&mut self, data: &[u8]) -> Result<(), CasError> {
         self.check_room(data.len())?;
         match &mut self.hasher {
             Hashing::Inline(h) => h.update(data),
@@ -203,7 +203,7 @@ impl BlobWriter {
     /// released once it has been both written and hashed (for large blobs, on another
     /// thread while this one writes), which is how an owner such as a buffer pool gets
     /// it back.
-    pub fn write_bytes(&mut self, data: bytes::Bytes) -> Result<(), CasError> {
+    pub(crate) fn write_bytes(&mut self, data: bytes::Bytes) -> Result<(), CasError> {
         self.check_room(data.len())?;
         self.hasher.update(data.clone());
         self.store(&data)
@@ -232,7 +232,7 @@ impl BlobWriter {
     }
 
     /// Verifies the data and makes the blob visible under its final name.
-    pub fn commit(mut self) -> Result<(), CasError> {
+    pub(crate) fn commit(mut self) -> Result<(), CasError> {
         if self.written != self.digest.size() {
             return Err(CasError::SizeMismatch {
                 expected: self.digest.size(),
