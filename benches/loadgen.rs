@@ -1429,8 +1429,8 @@ async fn asset_roundtrip(ctx: &Ctx) -> Result<Json> {
     Ok(measured.json("", done.load(Ordering::Relaxed), 0, "roundtrips"))
 }
 
-/// The parts of buildstream.v2.Artifact that a pull needs (see
-/// docs/buildstream-protocol.md section 5).
+/// The parts of buildstream.v2.Artifact that a pull needs (see BuildStream's
+/// `buildstream/_protos/buildstream/v2/artifact.proto`).
 #[derive(Clone, PartialEq, prost::Message)]
 struct Artifact {
     #[prost(int32, tag = "1")]

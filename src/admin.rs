@@ -174,10 +174,7 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
     let (mut checked, mut corrupt) = (0u64, Vec::<Digest>::new());
     cas.for_each_object(|digest, path| {
         checked += 1;
-        let ok = std::fs::read(&path)
-            .map(|data| Digest::of_bytes(&data) == digest)
-            .unwrap_or(false);
-        if !ok {
+        if !cas.object_matches(&digest, &path) {
             corrupt.push(digest);
         }
     });

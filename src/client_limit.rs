@@ -44,7 +44,7 @@ impl ClientLimits {
         })
     }
 
-    /// Addresses with requests in progress or waiting (for tests and status).
+    /// Addresses with requests in progress or waiting (0: the server is idle).
     pub fn active_clients(&self) -> usize {
         self.lock().len()
     }

@@ -145,6 +145,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .add_service(limited!(ContentAddressableStorageServer::new(CasService {
                 store: store.clone(),
                 config: config.clone(),
+                tree_walks: Default::default(),
             })))
             // Not a generated server: ByteStream handles its own HTTP/2 bodies and limits.
             .add_service(ByteStreamServer::new(ByteStreamService::new(store, config)));

@@ -35,9 +35,6 @@ use tracing::Instrument;
 /// A client has this long to complete the TLS handshake after connecting.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How often the key, certificate and client-certificate files are checked for changes.
-pub const DEFAULT_WATCH_INTERVAL: Duration = Duration::from_secs(2);
-
 /// Connections waiting to complete their handshake at once; beyond this the oldest is
 /// closed (see [`PendingHandshakes`]), so a flood of idle connections can neither exhaust
 /// file descriptors nor keep a real client out.
@@ -419,10 +416,6 @@ impl Reloader {
             current: RwLock::new(config),
             seen: Mutex::new(seen),
         }))
-    }
-
-    pub fn paths(&self) -> &TlsPaths {
-        &self.paths
     }
 
     /// The configuration for a connection accepted now.

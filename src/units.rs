@@ -426,12 +426,7 @@ fn under_home(path: &Path) -> bool {
 }
 
 fn user_exists(user: &str) -> bool {
-    let Ok(name) = std::ffi::CString::new(user) else {
-        return false;
-    };
-    // SAFETY: getpwnam with a valid NUL-terminated string; only the null-ness of the result
-    // is used, before any other passwd call could overwrite its static buffer.
-    unsafe { !libc::getpwnam(name.as_ptr()).is_null() }
+    crate::sys::user_exists(user)
 }
 
 #[cfg(test)]

@@ -175,13 +175,8 @@ pub struct DirLock {
 
 pub fn lock_dir(dir: &Path) -> anyhow::Result<DirLock> {
     let file = File::open(dir).with_context(|| format!("opening directory {}", dir.display()))?;
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock(2) on a descriptor we own; it stays open for the lock's lifetime.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("locking directory {}", dir.display()));
-    }
+    crate::sys::lock_exclusive(&file)
+        .with_context(|| format!("locking directory {}", dir.display()))?;
     Ok(DirLock { _file: file })
 }
 

@@ -23,6 +23,8 @@ const MAX_TREE_PAGE: usize = 10_000;
 pub struct CasService {
     pub store: Arc<CasStore>,
     pub config: ServiceConfig,
+    /// GetTree walks waiting for their client's next page.
+    pub tree_walks: Arc<tree::SuspendedWalks>,
 }
 
 fn identity_only(compressor: i32) -> Result<(), Status> {
@@ -170,16 +172,12 @@ impl ContentAddressableStorage for CasService {
         if req.page_size < 0 {
             return Err(Status::invalid_argument("page_size must not be negative"));
         }
-        let skip: usize = if req.page_token.is_empty() {
-            0
-        } else {
-            req.page_token.parse().map_err(|_| {
-                Status::invalid_argument(format!(
-                    "page_token {:?} was not issued by this server",
-                    crate::storage::digest::truncate_for_message(&req.page_token)
-                ))
-            })?
-        };
+        let token = tree::PageToken::parse(&req.page_token).map_err(|_| {
+            Status::invalid_argument(format!(
+                "page_token {:?} was not issued by this server",
+                crate::storage::digest::truncate_for_message(&req.page_token)
+            ))
+        })?;
         // With an explicit page size the client pages itself: one page per call.
         // Without, the whole tree is streamed in pages of our choosing.
         let (page, single_page) = match req.page_size {
@@ -187,25 +185,48 @@ impl ContentAddressableStorage for CasService {
             n => ((n as usize).min(MAX_TREE_PAGE), true),
         };
         let store = self.store.clone();
+        let walks = self.tree_walks.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         let first = {
-            let store = store.clone();
-            let root = root.clone();
-            blocking(move || tree::tree_page(&store, &root, skip, page).map_err(tree_status))
-                .await?
+            let (store, walks, root) = (store.clone(), walks.clone(), root.clone());
+            blocking(move || {
+                let mut read = |d: &Digest| tree::read_directory(&store, d);
+                let mut first_page = || {
+                    let Some(mut walk) = walks.resume(&root, token, &mut read)? else {
+                        return Ok(None);
+                    };
+                    Ok(walk.next_page(page, &mut read)?.map(|p| (walk, p)))
+                };
+                first_page().map_err(tree_status)
+            })
+            .await?
         };
-        let Some(first) = first else {
+        let Some((walk, first)) = first else {
             return Err(Status::not_found(format!(
                 "root directory {root} not found"
             )));
         };
+        // The walk goes on from page to page; no directory is read twice.
         tokio::spawn(async move {
-            let mut next = Some(first);
-            let mut offset = skip;
-            while let Some((directories, more)) = next.take() {
-                offset += directories.len();
+            let (mut walk, mut next) = (walk, first);
+            loop {
+                let (directories, more) = next;
+                if single_page {
+                    // The client asks for the next page with the token: keep the walk.
+                    let token = if more {
+                        walks.suspend(walk)
+                    } else {
+                        String::new()
+                    };
+                    let response = reapi::GetTreeResponse {
+                        directories,
+                        next_page_token: token,
+                    };
+                    let _ = tx.send(Ok(response)).await;
+                    return;
+                }
                 let token = if more {
-                    offset.to_string()
+                    walk.listed().to_string()
                 } else {
                     String::new()
                 };
@@ -213,25 +234,23 @@ impl ContentAddressableStorage for CasService {
                     directories,
                     next_page_token: token,
                 };
-                if tx.send(Ok(response)).await.is_err() || !more || single_page {
+                if tx.send(Ok(response)).await.is_err() || !more {
                     return;
                 }
-                let (store, r) = (store.clone(), root.clone());
-                match blocking(move || {
-                    tree::tree_page(&store, &r, offset, page).map_err(tree_status)
+                let store = store.clone();
+                let paged = blocking(move || {
+                    let mut read = |d: &Digest| tree::read_directory(&store, d);
+                    let page = walk.next_page(page, &mut read).map_err(tree_status)?;
+                    Ok((walk, page))
                 })
-                .await
-                {
-                    Ok(Some(p)) => next = Some(p),
-                    Ok(None) => {
-                        let _ = tx
-                            .send(Err(Status::not_found(format!(
-                                "root directory {root} disappeared during GetTree"
-                            ))))
-                            .await;
-                    }
+                .await;
+                match paged {
+                    Ok((w, Some(p))) => (walk, next) = (w, p),
+                    // Only a walk that has listed nothing finds no root.
+                    Ok((_, None)) => return,
                     Err(s) => {
                         let _ = tx.send(Err(s)).await;
+                        return;
                     }
                 }
             }

@@ -61,10 +61,6 @@ impl Instances {
         }
     }
 
-    pub fn contains(&self, name: &str) -> bool {
-        self.0.contains(name)
-    }
-
     fn describe(&self) -> String {
         self.0
             .iter()

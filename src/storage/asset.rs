@@ -12,8 +12,9 @@
 //! so the file stays casd-compatible, and we can check and refresh an asset's whole
 //! closure.
 
-use super::cas::rename_into_place;
 use super::digest::Digest;
+use super::disk::layout;
+use super::disk::rename_into_place;
 use bazel_remote_apis::build::bazel::remote::asset::v1 as ra;
 use bazel_remote_apis::build::bazel::remote::execution::v2 as reapi;
 use bazel_remote_apis::google::protobuf::Timestamp;
@@ -178,7 +179,7 @@ impl AssetStore {
     }
 
     fn path_of(&self, key: &str) -> PathBuf {
-        self.objects.join(&key[..2]).join(&key[2..])
+        layout::sharded_path(&self.objects, key)
     }
 
     /// Looks an entry up. A hit refreshes the entry's LRU stamp. Unreadable or corrupt
@@ -202,7 +203,7 @@ impl AssetStore {
         };
         match decode_entry(kind, &bytes) {
             Ok(entry) => {
-                super::objects_dir::touch_path(&path);
+                super::disk::objects_dir::touch_path(&path);
                 Ok(Some(entry))
             }
             Err(reason) => {

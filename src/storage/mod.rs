@@ -2,20 +2,27 @@
 //! together (an asset is only as good as the content it references).
 
 pub mod asset;
-pub mod blob_store;
 pub mod cas;
 pub mod digest;
-pub mod direct;
-pub mod disk_store;
-pub mod existence;
-pub mod lru;
-pub mod memory;
-pub mod objects_dir;
+pub mod disk;
 pub mod policy;
-pub mod store_error;
 pub mod tree;
-pub mod usage;
-pub mod verified;
+
+// The storage contract (issue 15, docs/adr/0009): proven by the conformance suite against
+// both stores; the protocol adapters move onto it next, which is when its items get their
+// first callers outside the tests.
+#[allow(dead_code)]
+pub mod blob_store;
+#[cfg(test)]
+mod conformance;
+#[allow(dead_code)]
+pub mod disk_store;
+#[allow(dead_code)]
+pub mod memory;
+#[allow(dead_code)]
+pub mod store_error;
+
+pub(crate) use disk::direct;
 
 use asset::{AssetEntry, AssetKind};
 use cas::CasStore;

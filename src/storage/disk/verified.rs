@@ -8,7 +8,7 @@
 //! content, so a replaced object (a new upload, a peer's re-upload after eviction, a
 //! file copied in by hand) is checked again. Content changed in place under a running
 //! server, behind the 0444 mode, is outside what this detects; `verify REPO` re-hashes
-//! everything. See docs/adr/0004-verify-once.md.
+//! everything. See docs/adr/0004-find-missing-and-read-verification.md.
 
 use super::existence::{Key, KeyHasher};
 use std::collections::HashMap;
@@ -16,27 +16,27 @@ use std::hash::BuildHasherDefault;
 use std::sync::Mutex;
 
 /// Remembered objects (about 56 bytes each, so at most ~14 MiB); a full set starts over.
-pub const CAPACITY: usize = 262_144;
+pub(crate) const CAPACITY: usize = 262_144;
 
 /// The file that held checked content: (device, inode).
-pub type FileId = (u64, u64);
+pub(crate) type FileId = (u64, u64);
 
-pub fn file_id(m: &std::fs::Metadata) -> FileId {
+pub(crate) fn file_id(m: &std::fs::Metadata) -> FileId {
     use std::os::unix::fs::MetadataExt;
     (m.dev(), m.ino())
 }
 
 #[derive(Default)]
-pub struct VerifiedSet {
+pub(crate) struct VerifiedSet {
     objects: Mutex<HashMap<Key, FileId, BuildHasherDefault<KeyHasher>>>,
 }
 
 impl VerifiedSet {
-    pub fn contains(&self, key: &Key, file: FileId) -> bool {
+    pub(crate) fn contains(&self, key: &Key, file: FileId) -> bool {
         self.lock().get(key) == Some(&file)
     }
 
-    pub fn insert(&self, key: Key, file: FileId) {
+    pub(crate) fn insert(&self, key: Key, file: FileId) {
         let mut objects = self.lock();
         if objects.len() >= CAPACITY {
             objects.clear();

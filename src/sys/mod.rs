@@ -1,9 +1,19 @@
-//! Process-wide system settings that need raw system calls.
+//! Every raw system call of the crate, behind safe functions: the one place where
+//! `unsafe` is allowed (lib.rs denies it elsewhere). Each `unsafe` block says why it is
+//! sound.
+
+mod aligned;
+mod fs;
+mod shared_u64;
+
+pub(crate) use aligned::{AlignedBuf, ALIGN};
+pub(crate) use fs::*;
+pub(crate) use shared_u64::SharedU64;
 
 /// Raises the soft limit on open files to the hard limit, so that a busy server (every
 /// connection, upload and read holds a descriptor) does not run out at the usual soft
 /// limit of 1,024. Returns the limits (soft before, soft after), or the error.
-pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
+pub(crate) fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -27,7 +37,7 @@ pub fn raise_open_files_limit() -> std::io::Result<(u64, u64)> {
 /// Gives memory the allocator holds but no longer uses back to the system. After a
 /// burst of streams (many buffers freed at once) glibc keeps the freed pages in its
 /// arenas; this returns them, so that the resident size follows the load down.
-pub fn release_free_memory() {
+pub(crate) fn release_free_memory() {
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     unsafe {
@@ -35,17 +45,27 @@ pub fn release_free_memory() {
     }
 }
 
+/// Whether the system's user database knows a user `name`.
+pub(crate) fn user_exists(name: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: getpwnam with a valid NUL-terminated string; only the null-ness of the result
+    // is used, before any other passwd call could overwrite its static buffer.
+    unsafe { !libc::getpwnam(name.as_ptr()).is_null() }
+}
+
 /// A user's identity as the kernel checks file access: uid, primary and supplementary
 /// groups.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UserIds {
-    pub uid: u32,
-    pub gid: u32,
-    pub groups: Vec<u32>,
+pub(crate) struct UserIds {
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) groups: Vec<u32>,
 }
 
 /// Looks a user up in the system's user database (NSS); None if there is no such user.
-pub fn lookup_user(name: &str) -> Option<UserIds> {
+pub(crate) fn lookup_user(name: &str) -> Option<UserIds> {
     let cname = std::ffi::CString::new(name).ok()?;
     let mut buf = vec![0 as libc::c_char; 16 << 10];
     // SAFETY: passwd is plain old data; getpwnam_r fills it, pointing into `buf`, which

@@ -13,25 +13,25 @@
 //! turning `O_DIRECT` off again. Any refusal (a filesystem without `O_DIRECT`, such as
 //! tmpfs on older kernels, or a stricter alignment) falls back to buffered writes.
 
-use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
 
-/// Alignment of direct writes: the largest logical block size in common use.
-pub const ALIGN: usize = 4096;
+use crate::sys::set_direct;
+pub(crate) use crate::sys::AlignedBuf;
+
+pub(crate) use crate::sys::ALIGN;
 /// Size of the staging buffer, hence of each direct write.
-pub const STAGING: usize = 512 << 10;
+pub(crate) const STAGING: usize = 512 << 10;
 
 /// An output file, written directly when that works and through the page cache when not.
-pub struct OutputFile {
+pub(crate) struct OutputFile {
     file: File,
     staging: Option<Staging>,
 }
 
 impl OutputFile {
     /// Buffered writes, as for any small file.
-    pub fn buffered(file: File) -> Self {
+    pub(crate) fn buffered(file: File) -> Self {
         OutputFile {
             file,
             staging: None,
@@ -39,16 +39,16 @@ impl OutputFile {
     }
 
     /// Direct writes if the filesystem takes them, else buffered.
-    pub fn direct(file: File) -> Self {
+    pub(crate) fn direct(file: File) -> Self {
         let staging = Staging::new().filter(|_| set_direct(&file, true).is_ok());
         OutputFile { file, staging }
     }
 
-    pub fn file(&self) -> &File {
+    pub(crate) fn file(&self) -> &File {
         &self.file
     }
 
-    pub fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
+    pub(crate) fn write_all(&mut self, mut data: &[u8]) -> io::Result<()> {
         let Some(staging) = &mut self.staging else {
             return self.file.write_all(data);
         };
@@ -73,7 +73,7 @@ impl OutputFile {
     }
 
     /// Writes what is still staged; the file is complete once this returns.
-    pub fn finish(&mut self) -> io::Result<()> {
+    pub(crate) fn finish(&mut self) -> io::Result<()> {
         let Some(staging) = self.staging.take() else {
             return Ok(());
         };
@@ -94,82 +94,6 @@ fn write_direct(file: &mut File, data: &[u8]) -> io::Result<()> {
             file.write_all(data)
         }
         other => other,
-    }
-}
-
-fn set_direct(file: &File, on: bool) -> io::Result<()> {
-    let fd = file.as_raw_fd();
-    // SAFETY: fcntl on a descriptor we own, with integer arguments only.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let flags = if on {
-        flags | libc::O_DIRECT
-    } else {
-        flags & !libc::O_DIRECT
-    };
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// A heap buffer of fixed capacity aligned to [`ALIGN`], so that it can be handed to
-/// a direct write as it is.
-pub struct AlignedBuf {
-    ptr: *mut u8,
-    cap: usize,
-}
-
-// SAFETY: the buffer is owned exclusively, like a Vec<u8>.
-unsafe impl Send for AlignedBuf {}
-// SAFETY: shared access only reads (`&self` methods never write).
-unsafe impl Sync for AlignedBuf {}
-
-impl AlignedBuf {
-    fn layout(cap: usize) -> Layout {
-        Layout::from_size_align(cap, ALIGN).expect("valid layout")
-    }
-
-    /// `cap` zeroed bytes (rounded up to a multiple of [`ALIGN`]), or None if memory is
-    /// short. Zeroed, so that every byte is initialised; these buffers are made once and
-    /// reused, and fresh pages come zeroed from the kernel anyway.
-    pub fn new(cap: usize) -> Option<Self> {
-        let cap = cap.max(1).next_multiple_of(ALIGN);
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { alloc_zeroed(Self::layout(cap)) };
-        (!ptr.is_null()).then_some(AlignedBuf { ptr, cap })
-    }
-
-    pub fn capacity(&self) -> usize {
-        self.cap
-    }
-
-    /// Copies `data` to `at` (`at + data.len() <= capacity`).
-    pub fn copy_in(&mut self, at: usize, data: &[u8]) {
-        assert!(
-            at + data.len() <= self.cap,
-            "copy past the end of an aligned buffer"
-        );
-        // SAFETY: in bounds (checked above); the regions cannot overlap (we own ours).
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(at), data.len()) };
-    }
-
-    /// The first `len` bytes.
-    pub fn prefix(&self, len: usize) -> &[u8] {
-        assert!(len <= self.cap, "read past the end of an aligned buffer");
-        // SAFETY: in bounds and initialised (zeroed at allocation); the allocation lives
-        // as long as `self`.
-        unsafe { std::slice::from_raw_parts(self.ptr, len) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with the same layout.
-        unsafe { dealloc(self.ptr, Self::layout(self.cap)) };
     }
 }
 

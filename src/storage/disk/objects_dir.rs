@@ -11,32 +11,28 @@
 //! then keep pointing at the removed directory, so a lookup that finds nothing checks
 //! whether the directory it used is still linked, and reopens it by path if not.
 
-use super::digest::Digest;
+use super::layout;
+use crate::storage::digest::Digest;
+use crate::sys;
 use std::ffi::CStr;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
-pub struct ObjectsDir {
+pub(crate) struct ObjectsDir {
     path: PathBuf,
     /// `None` while the directory does not exist.
     fd: RwLock<Option<OwnedFd>>,
 }
 
 /// `ab/cdef…` and a NUL: the object's name relative to the objects directory.
-struct RelName([u8; 2 + 1 + 62 + 1]);
+struct RelName([u8; 66]);
 
 impl RelName {
     fn of(d: &Digest) -> Self {
-        let h = d.hash().as_bytes();
-        let mut b = [0u8; 66];
-        b[..2].copy_from_slice(&h[..2]);
-        b[2] = b'/';
-        b[3..65].copy_from_slice(&h[2..64]);
-        RelName(b)
+        RelName(layout::relative_name(d.hash()))
     }
 
     fn as_cstr(&self) -> &CStr {
@@ -46,7 +42,7 @@ impl RelName {
 }
 
 impl ObjectsDir {
-    pub fn open(path: &Path) -> Self {
+    pub(crate) fn open(path: &Path) -> Self {
         ObjectsDir {
             path: path.to_owned(),
             fd: RwLock::new(open_dir(path).ok()),
@@ -54,39 +50,19 @@ impl ObjectsDir {
     }
 
     /// `fstatat` of the object.
-    pub fn stat(&self, d: &Digest) -> io::Result<libc::stat> {
+    pub(crate) fn stat(&self, d: &Digest) -> io::Result<libc::stat> {
         let name = RelName::of(d);
-        self.at(|dir| {
-            // SAFETY: stat is plain old data; zeroed is a valid value for it.
-            let mut st: libc::stat = unsafe { std::mem::zeroed() };
-            // SAFETY: a valid directory descriptor, a NUL-terminated name and an
-            // out-parameter of the right type.
-            let r = unsafe { libc::fstatat(dir, name.as_cstr().as_ptr(), &mut st, 0) };
-            if r == 0 {
-                Ok(st)
-            } else {
-                Err(io::Error::last_os_error())
-            }
-        })
+        self.at(|dir| sys::stat_at(dir, name.as_cstr()))
     }
 
     /// Opens the object for reading. `O_NOATIME` because a read that updates atime
     /// dirties the inode (the LRU stamp is mtime, set on purpose by [`touch_file`]);
     /// it is only allowed to the file's owner, so others fall back to a plain open.
-    pub fn open_read(&self, d: &Digest) -> io::Result<File> {
+    pub(crate) fn open_read(&self, d: &Digest) -> io::Result<File> {
         let name = RelName::of(d);
         self.at(|dir| {
             let flags = libc::O_RDONLY | libc::O_CLOEXEC;
-            let open = |flags| {
-                // SAFETY: a valid directory descriptor and a NUL-terminated name.
-                let fd = unsafe { libc::openat(dir, name.as_cstr().as_ptr(), flags) };
-                if fd < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    // SAFETY: openat just returned this descriptor and nothing else owns it.
-                    Ok(unsafe { File::from_raw_fd(fd) })
-                }
-            };
+            let open = |flags| sys::open_at(dir, name.as_cstr(), flags);
             match open(flags | libc::O_NOATIME) {
                 Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(flags),
                 other => other,
@@ -95,28 +71,19 @@ impl ObjectsDir {
     }
 
     /// Sets the object's mtime (its LRU stamp) to now; see [`touch_file`].
-    pub fn touch(&self, d: &Digest) {
+    pub(crate) fn touch(&self, d: &Digest) {
         let name = RelName::of(d);
-        let _ = self.at(|dir| {
-            // SAFETY: a valid directory descriptor, a NUL-terminated name and the two
-            // timespecs utimensat requires.
-            let r = unsafe { libc::utimensat(dir, name.as_cstr().as_ptr(), TOUCH.as_ptr(), 0) };
-            if r == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
-            }
-        });
+        let _ = self.at(|dir| sys::touch_at(dir, name.as_cstr()));
     }
 
     /// Runs `op` on the directory descriptor; when it finds nothing because the
     /// directory it used was removed (or had not been created yet), runs it once more
     /// on the directory now at `path`.
-    fn at<T>(&self, op: impl Fn(RawFd) -> io::Result<T>) -> io::Result<T> {
+    fn at<T>(&self, op: impl Fn(BorrowedFd<'_>) -> io::Result<T>) -> io::Result<T> {
         let stale = {
             let guard = self.fd.read().unwrap_or_else(|e| e.into_inner());
             match guard.as_ref() {
-                Some(fd) => match op(fd.as_raw_fd()) {
+                Some(fd) => match op(fd.as_fd()) {
                     Err(e) if e.kind() == io::ErrorKind::NotFound && is_unlinked(fd) => {
                         fd.as_raw_fd()
                     }
@@ -136,68 +103,30 @@ impl ObjectsDir {
         // current one under the read lock.
         let guard = self.fd.read().unwrap_or_else(|e| e.into_inner());
         match guard.as_ref() {
-            Some(fd) => op(fd.as_raw_fd()),
+            Some(fd) => op(fd.as_fd()),
             None => Err(io::Error::from(io::ErrorKind::NotFound)),
         }
     }
 }
 
-/// mtime = now, atime untouched.
-const TOUCH: [libc::timespec; 2] = [
-    libc::timespec {
-        tv_sec: 0,
-        tv_nsec: libc::UTIME_OMIT,
-    },
-    libc::timespec {
-        tv_sec: 0,
-        tv_nsec: libc::UTIME_NOW,
-    },
-];
-
 /// Sets mtime (the LRU stamp, as casd uses it) of an open file to now. Failure is
 /// harmless: the blob is still served, it only ages as if it had not been used.
-pub fn touch_file(f: &File) {
-    // SAFETY: a valid open descriptor and the two timespecs futimens requires.
-    unsafe {
-        libc::futimens(f.as_raw_fd(), TOUCH.as_ptr());
-    }
+pub(crate) fn touch_file(f: &File) {
+    let _ = sys::touch_file(f);
 }
 
 /// [`touch_file`] by path.
-pub fn touch_path(path: &Path) {
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return;
-    };
-    // SAFETY: a valid NUL-terminated path and the two timespecs utimensat requires.
-    unsafe {
-        libc::utimensat(libc::AT_FDCWD, c.as_ptr(), TOUCH.as_ptr(), 0);
-    }
+pub(crate) fn touch_path(path: &Path) {
+    let _ = sys::touch_path(path);
 }
 
 fn open_dir(path: &Path) -> io::Result<OwnedFd> {
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    // SAFETY: a valid NUL-terminated path.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        // SAFETY: open just returned this descriptor and nothing else owns it.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-    }
+    sys::open_dir_path(path)
 }
 
 /// Whether the directory behind `fd` has been removed (or cannot be checked).
 fn is_unlinked(fd: &OwnedFd) -> bool {
-    // SAFETY: stat is plain old data; zeroed is a valid value for it.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid descriptor and an out-parameter of the right type.
-    let r = unsafe { libc::fstat(fd.as_raw_fd(), &mut st) };
-    r != 0 || st.st_nlink == 0
+    sys::link_count(fd.as_fd()).map_or(true, |n| n == 0)
 }
 
 #[cfg(test)]

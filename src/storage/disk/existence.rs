@@ -9,7 +9,7 @@
 //! directory is the very one, unmodified, it saw when the answers were recorded.
 //! Directory timestamps come from a coarse clock, so a shard is trusted only when its
 //! last change is at least [`SETTLE`] old: any later change then gets a later time.
-//! See docs/adr/0003-find-missing-existence-cache.md.
+//! See docs/adr/0004-find-missing-and-read-verification.md.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
@@ -18,19 +18,19 @@ use std::time::{Duration, SystemTime};
 
 /// How old a shard directory's last change must be before answers about it are cached.
 /// Far above the timestamp clock's granularity (a scheduler tick, 1-10 ms).
-pub const SETTLE: Duration = Duration::from_secs(1);
+pub(crate) const SETTLE: Duration = Duration::from_secs(1);
 
 /// How long a cached answer stands before the blob is looked at (and its LRU stamp
 /// refreshed) again: the precision of LRU order for blobs kept alive only by queries.
-pub const REVERIFY: Duration = Duration::from_secs(60);
+pub(crate) const REVERIFY: Duration = Duration::from_secs(60);
 
 /// Entries per shard; a full shard starts over. 256 shards of 2048 entries of about
 /// 56 bytes bound the cache near 28 MiB.
-pub const SHARD_CAPACITY: usize = 2048;
+pub(crate) const SHARD_CAPACITY: usize = 2048;
 
 /// What identifies one state of a shard directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DirStamp {
+pub(crate) struct DirStamp {
     dev: u64,
     ino: u64,
     mtime_ns: i128,
@@ -38,7 +38,7 @@ pub struct DirStamp {
 
 impl DirStamp {
     /// The stamp of the directory at `path`, or `None` when it does not exist.
-    pub fn of(path: &std::path::Path) -> Option<DirStamp> {
+    pub(crate) fn of(path: &std::path::Path) -> Option<DirStamp> {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(path).ok()?;
         Some(DirStamp {
@@ -59,13 +59,13 @@ impl DirStamp {
 }
 
 /// Key: the raw 32-byte SHA-256 of the blob.
-pub type Key = [u8; 32];
+pub(crate) type Key = [u8; 32];
 
 /// Keys are SHA-256 hashes, already uniformly distributed: eight of their bytes are as
 /// good a hash-table hash as any, at no cost. (Byte 0 selects the shard, so it is
 /// skipped.)
 #[derive(Default)]
-pub struct KeyHasher(u64);
+pub(crate) struct KeyHasher(u64);
 
 impl Hasher for KeyHasher {
     fn finish(&self) -> u64 {
@@ -88,7 +88,7 @@ struct Shard {
     entries: HashMap<Key, (u64, SystemTime), BuildHasherDefault<KeyHasher>>,
 }
 
-pub struct ExistenceCache {
+pub(crate) struct ExistenceCache {
     shards: Box<[Mutex<Shard>]>,
 }
 
@@ -110,7 +110,13 @@ impl ExistenceCache {
     /// Whether `key` of `size` bytes is known present, given the current state `dir` of
     /// its shard directory. A changed directory forgets everything recorded under the
     /// old state.
-    pub fn is_present(&self, key: &Key, size: u64, dir: Option<DirStamp>, now: SystemTime) -> bool {
+    pub(crate) fn is_present(
+        &self,
+        key: &Key,
+        size: u64,
+        dir: Option<DirStamp>,
+        now: SystemTime,
+    ) -> bool {
         let mut shard = self.shard(key);
         if shard.dir != dir || dir.is_none() {
             shard.dir = None;
@@ -127,7 +133,7 @@ impl ExistenceCache {
 
     /// Records that `key` of `size` bytes was found on disk at `now`, after `dir` was
     /// taken as the state of its shard directory.
-    pub fn record(&self, key: &Key, size: u64, dir: Option<DirStamp>, now: SystemTime) {
+    pub(crate) fn record(&self, key: &Key, size: u64, dir: Option<DirStamp>, now: SystemTime) {
         let Some(dir) = dir.filter(|d| d.settled(now)) else {
             return;
         };
@@ -147,7 +153,7 @@ impl ExistenceCache {
 /// guarantees; anything else gives a meaningless key, never a panic).
 ///
 /// [`Digest::new`]: super::digest::Digest::new
-pub fn key_of(hash: &str) -> Key {
+pub(crate) fn key_of(hash: &str) -> Key {
     fn nibble(c: u8) -> u8 {
         // '0'..='9' -> 0..=9, 'a'..='f' -> 10..=15
         (c & 0x0f) + 9 * (c >> 6)

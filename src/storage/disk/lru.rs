@@ -9,7 +9,8 @@
 //! newer mtime and survive, as LRU demands. Evicting down to a low watermark makes these
 //! scans rare: one per (quota - low watermark) bytes written.
 
-use super::digest::EMPTY_SHA256;
+use super::layout::{is_object, is_shard};
+use crate::storage::digest::EMPTY_SHA256;
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -19,40 +20,29 @@ use std::path::{Path, PathBuf};
 const MAX_BUCKETS: usize = 1 << 16;
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct ScanSummary {
-    pub objects: u64,
-    pub bytes: u64,
+pub(crate) struct ScanSummary {
+    pub(crate) objects: u64,
+    pub(crate) bytes: u64,
     /// Oldest and newest LRU stamps (mtime, nanoseconds since the epoch).
-    pub oldest: Option<i64>,
-    pub newest: Option<i64>,
+    pub(crate) oldest: Option<i64>,
+    pub(crate) newest: Option<i64>,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct EvictReport {
+pub(crate) struct EvictReport {
     /// Bytes stored when the eviction started (measured).
-    pub scanned_bytes: u64,
-    pub freed_bytes: u64,
-    pub freed_objects: u64,
-}
-
-fn is_shard(name: &str) -> bool {
-    name.len() == 2 && name.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
-fn is_object(name: &str) -> bool {
-    name.len() == 62 && name.bytes().all(|b| b.is_ascii_hexdigit())
+    pub(crate) scanned_bytes: u64,
+    pub(crate) freed_bytes: u64,
+    pub(crate) freed_objects: u64,
 }
 
 fn is_empty_blob(path: &Path) -> bool {
-    fn name(p: Option<&Path>) -> Option<&str> {
-        p.and_then(|p| p.file_name()).and_then(|n| n.to_str())
-    }
-    name(Some(path)) == Some(&EMPTY_SHA256[2..]) && name(path.parent()) == Some(&EMPTY_SHA256[..2])
+    super::layout::hash_of_path(path).as_deref() == Some(EMPTY_SHA256)
 }
 
 /// Calls `f(path, size, mtime_ns)` for every object file. Entries that vanish during
 /// the walk (a peer evicting) are skipped.
-pub fn for_each_object(objects: &Path, mut f: impl FnMut(PathBuf, u64, i64)) {
+pub(crate) fn for_each_object(objects: &Path, mut f: impl FnMut(PathBuf, u64, i64)) {
     let Ok(shards) = fs::read_dir(objects) else {
         return;
     };
@@ -81,7 +71,7 @@ pub fn for_each_object(objects: &Path, mut f: impl FnMut(PathBuf, u64, i64)) {
     }
 }
 
-pub fn scan(objects: &Path) -> ScanSummary {
+pub(crate) fn scan(objects: &Path) -> ScanSummary {
     let mut s = ScanSummary::default();
     for_each_object(objects, |_, size, mtime| {
         s.objects += 1;
@@ -142,7 +132,11 @@ impl Histogram {
 /// freed, where `total` is the measured size of the store. The caller holds the
 /// repository's eviction lock. With `dry_run` nothing is deleted and the report says
 /// what would have been.
-pub fn evict(objects: &Path, to_free: impl FnOnce(u64) -> u64, dry_run: bool) -> EvictReport {
+pub(crate) fn evict(
+    objects: &Path,
+    to_free: impl FnOnce(u64) -> u64,
+    dry_run: bool,
+) -> EvictReport {
     let mut hist = Histogram::new();
     let mut total = 0u64;
     for_each_object(objects, |_, size, mtime| {

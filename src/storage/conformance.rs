@@ -1,11 +1,11 @@
 //! The contract every `BlobStore` keeps, one suite run against each implementation (the
-//! memory store and the disk engine today; the next backend adds one line at the end).
-use bst_artifact_server::storage::blob_store::{BlobStore, ByteRange};
-use bst_artifact_server::storage::cas::CasStore;
-use bst_artifact_server::storage::digest::Digest;
-use bst_artifact_server::storage::disk_store::DiskStore;
-use bst_artifact_server::storage::memory::MemoryStore;
-use bst_artifact_server::storage::store_error::StoreError;
+//! memory store and the disk engine today; the next backend adds one test at the end).
+use super::blob_store::{BlobStore, ByteRange};
+use super::cas::CasStore;
+use super::digest::Digest;
+use super::disk_store::DiskStore;
+use super::memory::MemoryStore;
+use super::store_error::StoreError;
 use bytes::Bytes;
 use futures::StreamExt;
 use sha2::{Digest as _, Sha256};

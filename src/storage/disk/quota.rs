@@ -1,0 +1,266 @@
+//! How much the store may hold, across every process serving one repository: the
+//! policy, the shared usage counter and upload reservations, and eviction (one evictor
+//! at a time) when a write would not fit. See docs/adr/0001-storage-engine.md.
+
+use super::lru;
+use super::usage::SharedCounter;
+use super::{CasError, CasStore};
+use std::fs::File;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How much the store may hold. See docs/adr/0001-storage-engine.md.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct QuotaPolicy {
+    /// Upper bound on stored blob bytes; `None` for no bound.
+    pub(crate) quota: Option<u64>,
+    /// What eviction frees down to once the quota would be passed.
+    pub(crate) low_watermark: u64,
+    /// Free filesystem space to keep; below it, evict or refuse writes.
+    pub(crate) reserve: u64,
+}
+
+impl QuotaPolicy {
+    pub(crate) fn unlimited() -> Self {
+        QuotaPolicy {
+            quota: None,
+            low_watermark: u64::MAX,
+            reserve: 0,
+        }
+    }
+}
+
+impl CasStore {
+    pub(super) fn note_space_refusal(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.space_refused_at
+            .store(now.as_secs(), Ordering::Relaxed);
+    }
+
+    /// Whether this process refused an upload for lack of space within `window`.
+    pub(crate) fn refused_space_within(&self, window: Duration) -> bool {
+        let at = self.space_refused_at.load(Ordering::Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        at != 0 && now.saturating_sub(at) <= window.as_secs()
+    }
+
+    /// Measures the store and replaces the shared estimate with the measurement. Runs in
+    /// the background at start-up so that listening never waits for it.
+    pub(crate) fn rescan(&self) -> lru::ScanSummary {
+        let committed_before = self.local_committed.load(Ordering::Relaxed);
+        let summary = lru::scan(&self.objects);
+        self.store_measured_usage(summary.bytes, committed_before);
+        summary
+    }
+
+    /// Replaces the shared estimate with `stored` bytes measured by a scan that began
+    /// when this process had committed `committed_before` bytes. Commits that raced
+    /// with the scan are added back (possibly counting some twice: over-counting only
+    /// makes eviction start a little early, under-counting would overshoot the quota).
+    pub(super) fn store_measured_usage(&self, stored: u64, committed_before: u64) {
+        let raced = self.local_committed.load(Ordering::Relaxed) - committed_before;
+        self.usage
+            .store(stored + raced + self.local_reserved.load(Ordering::Relaxed));
+    }
+
+    /// Ensures `size` more bytes fit under the quota and the free-space reserve,
+    /// evicting least-recently-used objects if needed.
+    pub(crate) fn make_room(&self, size: u64) -> Result<(), CasError> {
+        let shortfall = || self.shortfall(size);
+        if shortfall().is_none() {
+            return Ok(());
+        }
+        self.check_fits(size)?;
+        let _lock = self.lock_eviction()?;
+        // Another thread or process may have made room while we waited.
+        if shortfall().is_none() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let committed_before = self.local_committed.load(Ordering::Relaxed);
+        let reserved = self.local_reserved.load(Ordering::Relaxed);
+        let unwritten = self.local_unwritten.load(Ordering::Relaxed);
+        let avail = free_space(&self.objects);
+        let policy = self.policy;
+        let report = lru::evict(
+            &self.objects,
+            |stored| {
+                let for_quota = match policy.quota {
+                    Some(q) if stored + reserved + size > q => {
+                        let target = policy.low_watermark.min(q.saturating_sub(size + reserved));
+                        stored.saturating_sub(target)
+                    }
+                    _ => 0,
+                };
+                let for_disk = match avail {
+                    Some(a) => (policy.reserve + size + unwritten).saturating_sub(a),
+                    None => 0,
+                };
+                for_quota.max(for_disk)
+            },
+            false,
+        );
+        self.store_measured_usage(report.scanned_bytes - report.freed_bytes, committed_before);
+        let stored_after = report.scanned_bytes - report.freed_bytes;
+        tracing::info!(
+            freed_bytes = report.freed_bytes,
+            freed_objects = report.freed_objects,
+            stored_before = report.scanned_bytes,
+            stored_after,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "evicted {} least recently used objects ({} bytes) in {} ms; {} bytes stored now",
+            report.freed_objects,
+            report.freed_bytes,
+            started.elapsed().as_millis(),
+            stored_after
+        );
+        match shortfall() {
+            None => Ok(()),
+            Some(reason) => Err(CasError::NoSpace { size, reason }),
+        }
+    }
+
+    /// Evicting cannot help a write the empty filesystem could not take: refuse it
+    /// without emptying the cache first.
+    pub(super) fn check_fits(&self, size: u64) -> Result<(), CasError> {
+        if let Some((total, _)) = filesystem_space(&self.objects) {
+            if size + self.policy.reserve > total {
+                return Err(CasError::NoSpace {
+                    size,
+                    reason: format!(
+                        "the filesystem holds {total} bytes in all and {} are kept in reserve",
+                        self.policy.reserve
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// One evictor at a time: a mutex within the process, `flock` across processes
+    /// sharing the repository (held until the returned guard is dropped).
+    fn lock_eviction(&self) -> Result<(std::sync::MutexGuard<'_, ()>, File), CasError> {
+        let guard = self.evicting.lock().unwrap_or_else(|e| e.into_inner());
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&self.lock_path)
+            .map_err(|e| CasError::io("opening the eviction lock", e))?;
+        // Released when `lock` is closed.
+        crate::sys::lock_exclusive(&lock)
+            .map_err(|e| CasError::io("taking the eviction lock", e))?;
+        Ok((guard, lock))
+    }
+
+    /// Evicts least recently used objects down to the low watermark (for `gc`).
+    pub(crate) fn evict_to_low_watermark(
+        &self,
+        dry_run: bool,
+    ) -> Result<lru::EvictReport, CasError> {
+        let _lock = self.lock_eviction()?;
+        let committed_before = self.local_committed.load(Ordering::Relaxed);
+        let low = self.policy.low_watermark;
+        let report = lru::evict(&self.objects, |stored| stored.saturating_sub(low), dry_run);
+        if !dry_run {
+            self.store_measured_usage(report.scanned_bytes - report.freed_bytes, committed_before);
+        }
+        Ok(report)
+    }
+
+    /// Why `size` more bytes would not fit, if they would not.
+    pub(super) fn shortfall(&self, size: u64) -> Option<String> {
+        if let Some(q) = self.policy.quota {
+            let used = self.usage.load();
+            if used + size > q {
+                return Some(format!(
+                    "the cache quota of {q} bytes is reached ({used} bytes stored or being uploaded)"
+                ));
+            }
+        }
+        // Uploads in progress will take the rest of their reservations: count them now,
+        // or concurrent uploads each see the same free space and together run out of it.
+        // (`--reserve 0` turns the disk check off: uploads then run until ENOSPC.)
+        let unwritten = self.local_unwritten.load(Ordering::Relaxed);
+        if self.policy.reserve > 0 {
+            if let Some(avail) = free_space(&self.objects) {
+                if avail < self.policy.reserve + size + unwritten {
+                    return Some(format!(
+                        "only {avail} bytes are free on the filesystem, {unwritten} are promised \
+                         to uploads in progress and {} are kept in reserve",
+                        self.policy.reserve
+                    ));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Bytes counted in the shared usage for an upload in progress. Dropping it gives them
+/// back; [`Reservation::keep`] turns them into stored bytes.
+pub(super) struct Reservation {
+    usage: Arc<SharedCounter>,
+    local: Arc<AtomicU64>,
+    committed: Arc<AtomicU64>,
+    bytes: u64,
+    /// This reservation's part of [`CasStore::local_unwritten`].
+    unwritten_total: Arc<AtomicU64>,
+    unwritten: u64,
+}
+
+impl Reservation {
+    pub(super) fn new(store: &CasStore, bytes: u64) -> Self {
+        store.usage.add(bytes);
+        store.local_reserved.fetch_add(bytes, Ordering::Relaxed);
+        store.local_unwritten.fetch_add(bytes, Ordering::Relaxed);
+        Reservation {
+            usage: store.usage.clone(),
+            local: store.local_reserved.clone(),
+            committed: store.local_committed.clone(),
+            bytes,
+            unwritten_total: store.local_unwritten.clone(),
+            unwritten: bytes,
+        }
+    }
+
+    /// `n` more bytes are on disk (and show in the filesystem's free space).
+    pub(super) fn written(&mut self, n: u64) {
+        let n = n.min(self.unwritten);
+        self.unwritten -= n;
+        self.unwritten_total.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    pub(super) fn keep(mut self) {
+        self.committed.fetch_add(self.bytes, Ordering::Relaxed);
+        self.local.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.bytes = 0;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.usage.sub(self.bytes);
+            self.local.fetch_sub(self.bytes, Ordering::Relaxed);
+        }
+        self.unwritten_total
+            .fetch_sub(self.unwritten, Ordering::Relaxed);
+    }
+}
+
+/// Size and free bytes (for unprivileged writers) of the filesystem holding `path`.
+pub(crate) fn filesystem_space(path: &Path) -> Option<(u64, u64)> {
+    crate::sys::filesystem_space(path)
+}
+
+fn free_space(path: &Path) -> Option<u64> {
+    filesystem_space(path).map(|(_, free)| free)
+}
