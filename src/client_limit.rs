@@ -33,6 +33,8 @@ pub struct ClientLimits {
     per_client: usize,
     wait: Duration,
     clients: Mutex<HashMap<IpAddr, Arc<Semaphore>>>,
+    /// Requests ever admitted or queued: tells an idle server from one between requests.
+    started: std::sync::atomic::AtomicU64,
 }
 
 impl ClientLimits {
@@ -41,10 +43,16 @@ impl ClientLimits {
             per_client: per_client.max(1) as usize,
             wait,
             clients: Mutex::default(),
+            started: Default::default(),
         })
     }
 
-    /// Addresses with requests in progress or waiting (0: the server is idle).
+    /// Requests that have arrived since start (with a client address).
+    pub fn requests_started(&self) -> u64 {
+        self.started.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Addresses with requests in progress or waiting.
     pub fn active_clients(&self) -> usize {
         self.lock().len()
     }
@@ -55,6 +63,8 @@ impl ClientLimits {
 
     /// Waits for one of `ip`'s slots.
     async fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Permit, Status> {
+        self.started
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let semaphore = self
             .lock()
             .entry(ip)

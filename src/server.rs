@@ -188,18 +188,22 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         write_port_file(path, local.port())?;
     }
     crate::systemd::notify_ready(&ready_status);
-    // Memory freed after a burst goes back to the system once the server is idle: under
-    // load the allocator's free lists are what the next requests reuse, and handing them
-    // back would only make the next ones fault their pages in again.
+    // Memory freed after a burst goes back to the system once the server has been idle
+    // for a whole interval: under load (even between one client's short requests) the
+    // allocator's free lists are what the next requests reuse, and handing them back would
+    // only make those fault their pages in again.
     let idle_limits = limits.clone();
     tokio::spawn(async move {
         let mut every = tokio::time::interval(RELEASE_MEMORY_EVERY);
+        let mut last_started = u64::MAX;
         loop {
             every.tick().await;
-            if idle_limits.active_clients() == 0 {
+            let started = idle_limits.requests_started();
+            if started == last_started && idle_limits.active_clients() == 0 {
                 // Off the executor: trimming a large heap takes a while.
                 let _ = tokio::task::spawn_blocking(crate::sys::release_free_memory).await;
             }
+            last_started = started;
         }
     });
     let mut stopped = stop_rx.clone();

@@ -32,6 +32,9 @@ use std::sync::{Arc, Mutex};
 use tonic::body::Body;
 use tonic::Status;
 
+/// How long an upload's storing thread waits for the next buffer before it is given back.
+const STORE_LINGER: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Filled buffers an upload may queue for storing, on top of the one being stored.
 const WRITE_QUEUE: usize = 1;
 
@@ -399,16 +402,32 @@ impl ByteStreamService {
         // Receiving the next buffer overlaps with storing the previous one: the storage
         // side runs on its own blocking thread, fed through a short queue.
         let (chunks, mut queued) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
-        // A blocking task per buffer, not a thread per upload: an upload whose client
-        // has gone quiet holds no thread.
+        // Stored on a blocking thread while buffers keep coming; one that waits
+        // [`STORE_LINGER`] for the next buffer gives the thread back, so an upload whose
+        // client has gone quiet holds no thread, and one that streams pays one thread
+        // hand-off per burst rather than per buffer.
         let storing = tokio::spawn(async move {
             let mut writer = writer;
-            while let Some(chunk) = queued.recv().await {
-                writer = blocking(move || {
-                    writer.write_bytes(chunk).map_err(cas_status)?;
-                    Ok(writer)
+            let runtime = tokio::runtime::Handle::current();
+            while let Some(first) = queued.recv().await {
+                let runtime = runtime.clone();
+                let (w, q, closed) = blocking(move || {
+                    let mut writer = writer;
+                    writer.write_bytes(first).map_err(cas_status)?;
+                    loop {
+                        match runtime.block_on(tokio::time::timeout(STORE_LINGER, queued.recv())) {
+                            Ok(Some(chunk)) => writer.write_bytes(chunk).map_err(cas_status)?,
+                            Ok(None) => return Ok((writer, queued, true)),
+                            Err(_) => return Ok((writer, queued, false)),
+                        }
+                    }
                 })
                 .await?;
+                writer = w;
+                queued = q;
+                if closed {
+                    break;
+                }
             }
             Ok::<_, Status>(writer)
         });

@@ -73,6 +73,7 @@ impl CasStore {
     /// Ensures `size` more bytes fit under the quota and the free-space reserve,
     /// evicting least-recently-used objects if needed.
     pub(crate) fn make_room(&self, size: u64) -> Result<(), CasError> {
+        const MAX_PASSES: usize = 5;
         let shortfall = || self.shortfall(size);
         if shortfall().is_none() {
             return Ok(());
@@ -83,44 +84,63 @@ impl CasStore {
         if shortfall().is_none() {
             return Ok(());
         }
-        let started = std::time::Instant::now();
-        let committed_before = self.local_committed.load(Ordering::Relaxed);
-        let reserved = self.local_reserved.load(Ordering::Relaxed);
-        let unwritten = self.local_unwritten.load(Ordering::Relaxed);
-        let avail = free_space(&self.objects);
-        let policy = self.policy;
-        let report = lru::evict(
-            &self.objects,
-            |stored| {
-                let for_quota = match policy.quota {
-                    Some(q) if stored + reserved + size > q => {
-                        let target = policy.low_watermark.min(q.saturating_sub(size + reserved));
-                        stored.saturating_sub(target)
-                    }
-                    _ => 0,
-                };
-                let for_disk = match avail {
-                    Some(a) => (policy.reserve + size + unwritten).saturating_sub(a),
-                    None => 0,
-                };
-                for_quota.max(for_disk)
-            },
-            false,
-        );
-        self.store_measured_usage(report.scanned_bytes - report.freed_bytes, committed_before);
-        let stored_after = report.scanned_bytes - report.freed_bytes;
-        tracing::info!(
-            freed_bytes = report.freed_bytes,
-            freed_objects = report.freed_objects,
-            stored_before = report.scanned_bytes,
-            stored_after,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "evicted {} least recently used objects ({} bytes) in {} ms; {} bytes stored now",
-            report.freed_objects,
-            report.freed_bytes,
-            started.elapsed().as_millis(),
-            stored_after
-        );
+        // Every upload reserves before it looks for room, so uploads that reserved while
+        // this pass ran can leave it short: pass again (each pass sees every reservation
+        // made before it sized its work) until there is room, or a pass frees nothing and
+        // no reservation came after it.
+        for _ in 0..MAX_PASSES {
+            let started = std::time::Instant::now();
+            let committed_before = self.local_committed.load(Ordering::Relaxed);
+            let policy = self.policy;
+            let mut sized_with = 0;
+            let report = lru::evict(
+                &self.objects,
+                |stored| {
+                    // Read after the scan, so that the pass sizes its work with the
+                    // reservations of now rather than of before the scan.
+                    // Commits that raced with the scan are counted as the usage estimate
+                    // will count them (see store_measured_usage), so that the pass frees
+                    // what the check after it asks for.
+                    let raced = self.local_committed.load(Ordering::Relaxed) - committed_before;
+                    let reserved = self.local_reserved.load(Ordering::Relaxed) + raced;
+                    let unwritten = self.local_unwritten.load(Ordering::Relaxed);
+                    let avail = free_space(&self.objects);
+                    sized_with = reserved - raced;
+                    let for_quota = match policy.quota {
+                        Some(q) if stored + reserved + size > q => {
+                            let target =
+                                policy.low_watermark.min(q.saturating_sub(size + reserved));
+                            stored.saturating_sub(target)
+                        }
+                        _ => 0,
+                    };
+                    let for_disk = match avail {
+                        Some(a) => (policy.reserve + size + unwritten).saturating_sub(a),
+                        None => 0,
+                    };
+                    for_quota.max(for_disk)
+                },
+                false,
+            );
+            self.store_measured_usage(report.scanned_bytes - report.freed_bytes, committed_before);
+            let stored_after = report.scanned_bytes - report.freed_bytes;
+            tracing::info!(
+                freed_bytes = report.freed_bytes,
+                freed_objects = report.freed_objects,
+                stored_before = report.scanned_bytes,
+                stored_after,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "evicted {} least recently used objects ({} bytes) in {} ms; {} bytes stored now",
+                report.freed_objects,
+                report.freed_bytes,
+                started.elapsed().as_millis(),
+                stored_after
+            );
+            let reserved_since = self.local_reserved.load(Ordering::Relaxed) > sized_with;
+            if shortfall().is_none() || (report.freed_bytes == 0 && !reserved_since) {
+                break;
+            }
+        }
         match shortfall() {
             None => Ok(()),
             Some(reason) => Err(CasError::NoSpace { size, reason }),
