@@ -191,13 +191,17 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .parse()
         .map_err(|_| format!("{s:?} is not a size ({HELP})"))?;
     let bytes = value * multiplier as f64;
-    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+    // 2^64 itself is out of range (`u64::MAX as f64` rounds up to it).
+    if !bytes.is_finite() || !(0.0..18_446_744_073_709_551_616.0).contains(&bytes) {
         return Err(format!("{s:?} is out of range"));
     }
-    if bytes.fract() != 0.0 {
+    // Decimal fractions are not exact in binary ("1.005KB" is 1004.9999...): a size is
+    // whole if it is within a thousandth of a byte of a whole number.
+    let whole = bytes.round();
+    if (bytes - whole).abs() > 1e-3 {
         return Err(format!("{s:?} is not a whole number of bytes"));
     }
-    Ok(bytes as u64)
+    Ok(whole as u64)
 }
 
 /// The smallest quota taken at face value: below it a size is almost certainly missing its
@@ -327,6 +331,8 @@ mod tests {
         assert_eq!(parse_size("500kB"), Ok(500_000));
         assert_eq!(parse_size("1T"), Ok(1 << 40));
         assert_eq!(parse_size("7b"), Ok(7));
+        assert_eq!(parse_size("1.005KB"), Ok(1005));
+        assert!(parse_size("16777216T").is_err(), "2^64 bytes");
         assert_eq!(parse_size("0"), Ok(0));
         for bad in ["-1", "lots", "", "0.5", "1.3", "10Gx", "10 GiBs", "1e400"] {
             assert!(parse_size(bad).is_err(), "{bad:?} accepted");

@@ -52,9 +52,13 @@ impl ClientLimits {
         self.started.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Addresses with requests in progress or waiting.
+    /// Addresses with requests in progress or waiting. (An entry whose slots are all
+    /// free, left by a reference dropped outside the lock, does not count.)
     pub fn active_clients(&self) -> usize {
-        self.lock().len()
+        self.lock()
+            .values()
+            .filter(|s| s.available_permits() < self.per_client)
+            .count()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Arc<Semaphore>>> {
@@ -74,7 +78,7 @@ impl ClientLimits {
         // still forgets an address that has nothing left in progress.
         let mut permit = Permit {
             permit: None,
-            semaphore: semaphore.clone(),
+            semaphore: Some(semaphore.clone()),
             ip,
             limits: self.clone(),
         };
@@ -110,7 +114,9 @@ impl ClientLimits {
 /// nothing left in progress.
 struct Permit {
     permit: Option<OwnedSemaphorePermit>,
-    semaphore: Arc<Semaphore>,
+    /// Taken (and dropped) under the map's lock, so that two slots of one address
+    /// dropped at once cannot both see the other's reference and both keep the entry.
+    semaphore: Option<Arc<Semaphore>>,
     ip: IpAddr,
     limits: Arc<ClientLimits>,
 }
@@ -119,9 +125,13 @@ impl Drop for Permit {
     fn drop(&mut self) {
         drop(self.permit.take());
         let mut clients = self.limits.lock();
-        // Every holder or waiter got its clone under this lock: the map's and ours
-        // being the only ones left means nobody else is using the entry.
-        if Arc::strong_count(&self.semaphore) == 2 {
+        drop(self.semaphore.take());
+        // Every holder or waiter got its reference under this lock: the map's being the
+        // only one left means nobody else is using the entry.
+        if clients
+            .get(&self.ip)
+            .is_some_and(|s| Arc::strong_count(s) == 1)
+        {
             clients.remove(&self.ip);
         }
     }

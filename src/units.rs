@@ -402,13 +402,17 @@ fn check_service_user(user: &str, binary: &Path, certs: &Path, repo: &Path) -> a
             format!("`chmod 0644 {}`", file.display()),
         );
     }
-    if repo.exists() {
-        check(
-            repo,
-            2 | 1,
-            "the repository",
-            format!("`chown -R {user}: {}`", repo.display()),
-        );
+    // The repository and, in an existing one (e.g. the seed's), its top directories: a
+    // server writes in all of them.
+    for dir in [repo.to_owned(), repo.join("cas"), repo.join("assets")] {
+        if dir.exists() {
+            check(
+                &dir,
+                2 | 1,
+                "the repository",
+                format!("`chown -R {user}: {}`", repo.display()),
+            );
+        }
     }
     if problems.is_empty() {
         return Ok(());

@@ -26,6 +26,19 @@ async fn channel_from(port: u16, from: &str) -> Channel {
         .expect("connecting")
 }
 
+/// A connection with HTTP/2's default 64 KiB windows (tonic's client asks for larger
+/// ones): a Read stalls right after its first message.
+async fn small_window_channel(port: u16) -> Channel {
+    Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect_timeout(TIMEOUT)
+        .connect()
+        .await
+        .expect("connecting")
+}
+
 fn frame(msg: &impl Message) -> bytes::Bytes {
     let body = msg.encode_to_vec();
     let mut out = vec![0u8];
@@ -274,9 +287,11 @@ async fn idle_streams_time_out() {
     assert!(started.elapsed() < Duration::from_secs(10));
     drop(tx);
 
-    // A Read never read holds the client's only slot until it is abandoned.
+    // A Read never read holds the client's only slot until it is abandoned, also when
+    // it stalls after a whole message (the next one already read ahead).
+    let small = small_window_channel(server.port).await;
     let stalled = stalled_call(
-        &ch,
+        &small,
         "Read",
         frame(&ReadRequest {
             resource_name: read_name("", &digest(&big)),

@@ -408,17 +408,15 @@ impl ByteStreamService {
         // hand-off per burst rather than per buffer.
         let storing = tokio::spawn(async move {
             let mut writer = writer;
-            let runtime = tokio::runtime::Handle::current();
             while let Some(first) = queued.recv().await {
-                let runtime = runtime.clone();
                 let (w, q, closed) = blocking(move || {
                     let mut writer = writer;
                     writer.write_bytes(first).map_err(cas_status)?;
                     loop {
-                        match runtime.block_on(tokio::time::timeout(STORE_LINGER, queued.recv())) {
-                            Ok(Some(chunk)) => writer.write_bytes(chunk).map_err(cas_status)?,
-                            Ok(None) => return Ok((writer, queued, true)),
-                            Err(_) => return Ok((writer, queued, false)),
+                        match recv_within(&mut queued, STORE_LINGER) {
+                            Some(Some(chunk)) => writer.write_bytes(chunk).map_err(cas_status)?,
+                            Some(None) => return Ok((writer, queued, true)),
+                            None => return Ok((writer, queued, false)),
                         }
                     }
                 })
@@ -473,6 +471,34 @@ impl ByteStreamService {
     }
 }
 
+/// Waits on this (blocking) thread for the next queued buffer: `Some(None)` once the
+/// queue is closed, `None` after `limit` without one. Parks the thread rather than using
+/// the runtime's timer, which may already be shut down while a server stops.
+fn recv_within(
+    queued: &mut tokio::sync::mpsc::Receiver<Bytes>,
+    limit: std::time::Duration,
+) -> Option<Option<Bytes>> {
+    struct Unpark(std::thread::Thread);
+    impl futures::task::ArcWake for Unpark {
+        fn wake_by_ref(me: &Arc<Self>) {
+            me.0.unpark();
+        }
+    }
+    let waker = futures::task::waker(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let std::task::Poll::Ready(next) = queued.poll_recv(&mut cx) {
+            return Some(next);
+        }
+        let now = std::time::Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        std::thread::park_timeout(deadline - now);
+    }
+}
+
 /// The next frame of a Write's body, or DEADLINE_EXCEEDED if the client sends nothing
 /// for `idle` (a stalled upload must not hold its reservation and file for ever).
 async fn next_frame(
@@ -480,6 +506,7 @@ async fn next_frame(
     idle: std::time::Duration,
 ) -> Result<Option<Result<http_body::Frame<bytes::Bytes>, Status>>, Status> {
     tokio::time::timeout(idle, body.frame()).await.map_err(|_| {
+        tracing::info!("abandoned a ByteStream write whose client sent nothing for {idle:?}");
         Status::deadline_exceeded(format!(
             "the Write stream sent nothing for {idle:?} and was abandoned"
         ))

@@ -14,10 +14,10 @@ use super::grpc_http::{bytes_message_prefix, status_trailers, BodyFrame};
 use crate::client_limit::ClientSlot;
 use crate::storage::cas::{BlobReader, CasError, CasStore};
 use bytes::Bytes;
+use futures::task::AtomicWaker;
 use std::collections::VecDeque;
-use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -37,11 +37,18 @@ const READ_PIECE: u64 = 256 << 10;
 /// `data` is field 10 of ReadResponse (google/bytestream/bytestream.proto).
 const READ_RESPONSE_DATA: u32 = 10;
 
-/// What the body and its idle watchdog share.
+/// What the body, its read tasks and its idle watchdog share. The reader is always in
+/// one of three places: `reader` (idle), a blocking read task, or `done` (a message read,
+/// waiting for the body). The watchdog can take it from the first and the last.
 struct Shared {
-    /// The reader, while no message is being read; taken by the watchdog to abandon the
-    /// stream.
     reader: Mutex<Option<BlobReader>>,
+    done: Mutex<Option<MessageRead>>,
+    /// A read task is running (it holds the reader).
+    in_flight: AtomicBool,
+    /// Set by the watchdog: the stream is given up.
+    abandoned: AtomicBool,
+    /// Wakes the body when a read task finishes or the watchdog gives up.
+    waker: AtomicWaker,
     /// When the client last took data, as milliseconds since `started`.
     progress_ms: AtomicU64,
     started: Instant,
@@ -72,7 +79,8 @@ type MessageRead = (BlobReader, Result<Option<Vec<Bytes>>, CasError>);
 pub struct ReadBody {
     store: Arc<CasStore>,
     shared: Arc<Shared>,
-    reading: Option<JoinHandle<MessageRead>>,
+    /// A read was started and its result not yet taken from `shared.done`.
+    reading: bool,
     queue: VecDeque<Bytes>,
     next_message: u64,
     state: State,
@@ -90,6 +98,10 @@ impl ReadBody {
     ) -> Self {
         let shared = Arc::new(Shared {
             reader: Mutex::new(Some(reader)),
+            done: Mutex::new(None),
+            in_flight: AtomicBool::new(false),
+            abandoned: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
             progress_ms: AtomicU64::new(0),
             started: Instant::now(),
             slot,
@@ -98,7 +110,7 @@ impl ReadBody {
         ReadBody {
             store,
             shared,
-            reading: None,
+            reading: false,
             queue: VecDeque::new(),
             next_message: FIRST_MESSAGE,
             state: State::Sending,
@@ -109,6 +121,9 @@ impl ReadBody {
     /// Starts reading the next message on a blocking task; false if the watchdog has
     /// abandoned the stream.
     fn start_reading(&mut self) -> bool {
+        if self.shared.abandoned.load(Ordering::SeqCst) {
+            return false;
+        }
         let taken = self
             .shared
             .reader
@@ -121,9 +136,15 @@ impl ReadBody {
         let size = reader.remaining().min(self.next_message) as usize;
         self.next_message = (self.next_message * 2).min(READ_CHUNK);
         let store = self.store.clone();
-        self.reading = Some(tokio::task::spawn_blocking(move || {
+        let shared = self.shared.clone();
+        shared.in_flight.store(true, Ordering::SeqCst);
+        self.reading = true;
+        // Detached: its result goes to `shared.done`, where the watchdog can reach it too.
+        drop(tokio::task::spawn_blocking(move || {
             let pieces = read_message(&mut reader, &store, size);
-            (reader, pieces)
+            *shared.done.lock().unwrap_or_else(|e| e.into_inner()) = Some((reader, pieces));
+            shared.in_flight.store(false, Ordering::SeqCst);
+            shared.waker.wake();
         }));
         true
     }
@@ -152,9 +173,9 @@ fn read_message(
     }
 }
 
-/// Abandons the stream once its client has taken nothing for `timeout`: the reader
-/// (file, buffers, hashing thread) and the client's slot are released; the body ends
-/// with DEADLINE_EXCEEDED if the client ever asks for more.
+/// Abandons the stream once its client has taken nothing for `timeout`: the reader (file,
+/// buffers, hashing thread), any message read ahead, and the client's slot are released;
+/// the body ends with DEADLINE_EXCEEDED if the client ever asks for more.
 async fn watch(shared: std::sync::Weak<Shared>, timeout: Duration) {
     let mut wait = timeout;
     loop {
@@ -167,23 +188,30 @@ async fn watch(shared: std::sync::Weak<Shared>, timeout: Duration) {
             wait = timeout - idle;
             continue;
         }
+        if shared.in_flight.load(Ordering::SeqCst) {
+            // A message is being read from disk right now; look again shortly.
+            wait = Duration::from_secs(1).min(timeout);
+            continue;
+        }
+        shared.abandoned.store(true, Ordering::SeqCst);
         let reader = shared
             .reader
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        if reader.is_none() {
-            // A message is being read right now: the client is not the one waiting.
-            wait = Duration::from_secs(1).min(timeout);
-            continue;
-        }
+        let read_ahead = shared.done.lock().unwrap_or_else(|e| e.into_inner()).take();
         tracing::info!(idle = ?idle, "abandoned a ByteStream read whose client stopped reading");
-        drop(reader);
+        drop((reader, read_ahead));
         if let Some(slot) = &shared.slot {
             slot.release();
         }
+        shared.waker.wake();
         return;
     }
+}
+
+fn abandoned() -> Status {
+    Status::deadline_exceeded("the stream was abandoned: the client took no data for too long")
 }
 
 impl Drop for ReadBody {
@@ -206,10 +234,7 @@ impl http_body::Body for ReadBody {
                 this.shared.touch();
                 // The client took a whole message: read the next one while this one is
                 // on its way (a stalled client is left holding at most that one more).
-                if this.queue.is_empty()
-                    && this.reading.is_none()
-                    && matches!(this.state, State::Sending)
-                {
+                if this.queue.is_empty() && !this.reading && matches!(this.state, State::Sending) {
                     this.start_reading();
                 }
                 return Poll::Ready(Some(Ok(BodyFrame::data(piece))));
@@ -221,22 +246,26 @@ impl http_body::Body for ReadBody {
                 }
                 State::Sending => this.state = State::Sending,
             }
-            if this.reading.is_none() && !this.start_reading() {
-                this.state = State::Ending(Status::deadline_exceeded(
-                    "the stream was abandoned: the client took no data for too long",
-                ));
+            if !this.reading && !this.start_reading() {
+                this.state = State::Ending(abandoned());
                 continue;
             }
-            let reading = this.reading.as_mut().expect("started above");
-            let (reader, result) = match std::task::ready!(Pin::new(reading).poll(cx)) {
-                Ok(done) => done,
-                Err(e) => {
-                    this.reading = None;
-                    this.state = State::Ending(Status::internal(format!("read task failed: {e}")));
+            this.shared.waker.register(cx.waker());
+            let finished = this
+                .shared
+                .done
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            let Some((reader, result)) = finished else {
+                if this.shared.abandoned.load(Ordering::SeqCst) {
+                    this.reading = false;
+                    this.state = State::Ending(abandoned());
                     continue;
                 }
+                return Poll::Pending;
             };
-            this.reading = None;
+            this.reading = false;
             match result {
                 Ok(Some(pieces)) => {
                     *this.shared.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some(reader);

@@ -88,6 +88,11 @@ pub(crate) fn lookup_user(name: &str) -> Option<UserIds> {
     let (uid, gid) = (pwd.pw_uid, pwd.pw_gid);
     let mut groups = vec![0 as libc::gid_t; 256];
     let mut count = groups.len() as libc::c_int;
+    // SAFETY: as below; a first call that finds more groups than fit says how many.
+    if unsafe { libc::getgrouplist(cname.as_ptr(), gid, groups.as_mut_ptr(), &mut count) } < 0 {
+        groups = vec![0 as libc::gid_t; count.max(256) as usize];
+        count = groups.len() as libc::c_int;
+    }
     // SAFETY: `groups` holds `count` entries; getgrouplist writes at most that many and
     // sets `count` to the number it found.
     let rc = unsafe { libc::getgrouplist(cname.as_ptr(), gid, groups.as_mut_ptr(), &mut count) };

@@ -68,6 +68,8 @@ pub(crate) struct CasStore {
     /// commits add them back rather than lose them.
     local_committed: Arc<AtomicU64>,
     evicting: Mutex<()>,
+    /// Held while an upload checks for room and reserves it (never while evicting).
+    admission: Mutex<()>,
     /// Set by every commit; the background syncer flushes when it sees it.
     dirty: Arc<AtomicBool>,
     /// Whether reads refresh LRU stamps (off for offline inspection tools).
@@ -117,6 +119,7 @@ impl CasStore {
             local_unwritten: Arc::new(AtomicU64::new(0)),
             local_committed: Arc::new(AtomicU64::new(0)),
             evicting: Mutex::new(()),
+            admission: Mutex::new(()),
             dirty: Arc::new(AtomicBool::new(false)),
             refresh_lru: true,
             existence: ExistenceCache::default(),

@@ -72,6 +72,32 @@ impl CasStore {
 
     /// Ensures `size` more bytes fit under the quota and the free-space reserve,
     /// evicting least-recently-used objects if needed.
+    /// Admits an upload of `size` bytes: checks for room and reserves it as one step
+    /// (under the admission lock, so that concurrent uploads cannot all see the same room
+    /// and together overshoot the quota or fill the disk), evicting outside that lock
+    /// when there is none. Only admitted uploads are ever counted, so uploads that will be
+    /// refused never make eviction free space on their behalf.
+    pub(super) fn admit(&self, size: u64) -> Result<Reservation, CasError> {
+        const ATTEMPTS: usize = 4;
+        for _ in 0..ATTEMPTS {
+            {
+                let _admission = self.admission.lock().unwrap_or_else(|e| e.into_inner());
+                if self.shortfall(size).is_none() {
+                    return Ok(Reservation::new(self, size));
+                }
+            }
+            // No room: make some (other uploads may take it before we come back; then we
+            // try again, a bounded number of times).
+            self.make_room(size)?;
+        }
+        Err(CasError::NoSpace {
+            size,
+            reason: self
+                .shortfall(size)
+                .unwrap_or_else(|| "other uploads took the room made for this one".to_owned()),
+        })
+    }
+
     pub(crate) fn make_room(&self, size: u64) -> Result<(), CasError> {
         const MAX_PASSES: usize = 5;
         let shortfall = || self.shortfall(size);
@@ -84,10 +110,10 @@ impl CasStore {
         if shortfall().is_none() {
             return Ok(());
         }
-        // Every upload reserves before it looks for room, so uploads that reserved while
-        // this pass ran can leave it short: pass again (each pass sees every reservation
-        // made before it sized its work) until there is room, or a pass frees nothing and
-        // no reservation came after it.
+        // Uploads admitted while this pass ran (their reservations are not in its sizing)
+        // can leave it short: pass again (each pass sees every reservation made before it
+        // sized its work) until there is room, or a pass frees nothing and no reservation
+        // came after it.
         for _ in 0..MAX_PASSES {
             let started = std::time::Instant::now();
             let committed_before = self.local_committed.load(Ordering::Relaxed);
@@ -106,8 +132,11 @@ impl CasStore {
                     let unwritten = self.local_unwritten.load(Ordering::Relaxed);
                     let avail = free_space(&self.objects);
                     sized_with = reserved - raced;
+                    // Evicting helps only if it can make enough room: when the uploads
+                    // in progress and this one would not fit even in an empty cache,
+                    // evicting everything would wipe the cache and still refuse them.
                     let for_quota = match policy.quota {
-                        Some(q) if stored + reserved + size > q => {
+                        Some(q) if stored + reserved + size > q && reserved + size <= q => {
                             let target =
                                 policy.low_watermark.min(q.saturating_sub(size + reserved));
                             stored.saturating_sub(target)
@@ -115,7 +144,14 @@ impl CasStore {
                         _ => 0,
                     };
                     let for_disk = match avail {
-                        Some(a) => (policy.reserve + size + unwritten).saturating_sub(a),
+                        Some(a) => {
+                            let need = (policy.reserve + size + unwritten).saturating_sub(a);
+                            if need > stored {
+                                0
+                            } else {
+                                need
+                            }
+                        }
                         None => 0,
                     };
                     for_quota.max(for_disk)
@@ -283,4 +319,46 @@ pub(crate) fn filesystem_space(path: &Path) -> Option<(u64, u64)> {
 
 fn free_space(path: &Path) -> Option<u64> {
     filesystem_space(path).map(|(_, free)| free)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::digest::Digest;
+    use sha2::Digest as _;
+
+    fn blob(seed: u8, len: usize) -> (Digest, Vec<u8>) {
+        let data: Vec<u8> = (0..len).map(|i| (i as u8).wrapping_mul(seed)).collect();
+        let hash = hex::encode(sha2::Sha256::digest(&data));
+        (Digest::new(&hash, len as i64).unwrap(), data)
+    }
+
+    /// Uploads in progress that leave no room for a new one even in an empty cache: the
+    /// new one is refused and nothing is evicted for it.
+    #[test]
+    fn uploads_that_cannot_fit_do_not_wipe_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = QuotaPolicy {
+            quota: Some(1_000_000),
+            low_watermark: 500_000,
+            reserve: 0,
+        };
+        let cas = CasStore::open_with(dir.path(), policy).unwrap();
+        let old: Vec<_> = (1..=3).map(|i| blob(i, 100_000)).collect();
+        for (d, data) in &old {
+            cas.put(d, data).unwrap();
+        }
+        // 700 kB in progress, then 400 kB more: 1.1 MB > 1 MB whatever is evicted.
+        let (big, _) = blob(7, 700_000);
+        let _in_progress = cas.begin_write(big).unwrap();
+        let (more, _) = blob(8, 400_000);
+        let err = cas.begin_write(more).err().expect("refused");
+        assert!(err.is_out_of_space(), "{err}");
+        for (d, _) in &old {
+            assert!(
+                cas.contains(d),
+                "{d} was evicted for an upload that could not fit"
+            );
+        }
+    }
 }

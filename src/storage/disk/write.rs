@@ -41,27 +41,11 @@ impl CasStore {
                     });
                 }
             }
-            // Counted before looking for room, so that concurrent uploads cannot all see
-            // the same room and together overshoot the quota or fill the disk; from now
-            // on eviction knows about the space that is spoken for. (If there is no room,
-            // dropping the reservation gives it back.)
-            let reservation = Reservation::new(self, digest.size());
-            if self.shortfall(0).is_some() {
-                self.check_fits(digest.size())
-                    .and_then(|()| self.make_room(0))
-                    .map_err(|e| match e {
-                        CasError::NoSpace { reason, .. } => CasError::NoSpace {
-                            size: digest.size(),
-                            reason,
-                        },
-                        other => other,
-                    })
-                    .inspect_err(|e| {
-                        if e.is_out_of_space() {
-                            self.note_space_refusal();
-                        }
-                    })?;
-            }
+            let reservation = self.admit(digest.size()).inspect_err(|e| {
+                if e.is_out_of_space() {
+                    self.note_space_refusal();
+                }
+            })?;
             let (path, file) = if self.anonymous_temporaries {
                 (None, self.create_anonymous(&final_path)?)
             } else {
