@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tonic::transport::server::{Connected, TcpConnectInfo};
 
 const FIRST_PAUSE: Duration = Duration::from_millis(5);
 const LONGEST_PAUSE: Duration = Duration::from_secs(1);
@@ -73,58 +75,70 @@ fn is_per_connection(e: &std::io::Error) -> bool {
 /// Plaintext connections for tonic's `serve_with_incoming_shutdown`.
 pub fn plain_incoming(
     listener: TcpListener,
-) -> impl futures::Stream<Item = Result<PlainConnection, std::convert::Infallible>> + Send + 'static
+) -> impl futures::Stream<Item = Result<Connection<TcpStream>, std::convert::Infallible>> + Send + 'static
 {
     futures::stream::unfold(Acceptor::new(listener), |mut acceptor| async move {
         let (tcp, peer) = acceptor.accept().await;
         let _ = tcp.set_nodelay(true);
-        Some((
-            Ok(PlainConnection {
-                tcp,
-                peer,
-                first_read: true,
-            }),
-            acceptor,
-        ))
+        let info = TcpConnectInfo {
+            local_addr: tcp.local_addr().ok(),
+            remote_addr: Some(peer),
+        };
+        // A plain port recognises a TLS client by its first byte: an `https://` URL pointed
+        // at it otherwise fails with nothing in the server's log.
+        Some((Ok(Connection::new(tcp, info, true)), acceptor))
     })
 }
 
-/// A plaintext connection that recognises a TLS client by its first byte: an `https://`
-/// URL pointed at a plain port otherwise fails with nothing in the server's log.
-pub struct PlainConnection {
-    tcp: TcpStream,
-    peer: SocketAddr,
-    first_read: bool,
+/// An accepted connection (plain or TLS) as tonic sees it: the stream, and the TCP
+/// addresses behind `Request::remote_addr()` and the per-client limits.
+pub struct Connection<S> {
+    stream: S,
+    info: TcpConnectInfo,
+    /// Look at the first byte read for a TLS ClientHello (plain ports only).
+    sniff: bool,
+}
+
+impl<S> Connection<S> {
+    pub fn new(stream: S, info: TcpConnectInfo, sniff_for_tls: bool) -> Self {
+        Connection {
+            stream,
+            info,
+            sniff: sniff_for_tls,
+        }
+    }
 }
 
 /// Every TLS connection starts with a handshake record (content type 22).
 const TLS_HANDSHAKE_RECORD: u8 = 22;
 
-impl tonic::transport::server::Connected for PlainConnection {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+impl<S> Connected for Connection<S> {
+    type ConnectInfo = TcpConnectInfo;
 
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.tcp.connect_info()
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.info.clone()
     }
 }
 
-impl tokio::io::AsyncRead for PlainConnection {
+impl<S: AsyncRead + Unpin> AsyncRead for Connection<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
+        buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let result = Pin::new(&mut this.tcp).poll_read(cx, buf);
-        if this.first_read && buf.filled().len() > before {
-            this.first_read = false;
+        let result = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if this.sniff && buf.filled().len() > before {
+            this.sniff = false;
             if buf.filled()[before] == TLS_HANDSHAKE_RECORD {
                 tracing::warn!(
                     "{} sent a TLS ClientHello to this plain-gRPC port: the client uses \
                      https:// but this server has no TLS (use an http:// URL, or start the \
                      server with --server-key and --server-cert)",
-                    this.peer
+                    this.info
+                        .remote_addr
+                        .map_or_else(|| "a client".to_owned(), |a| a.to_string())
                 );
             }
         }
@@ -132,13 +146,13 @@ impl tokio::io::AsyncRead for PlainConnection {
     }
 }
 
-impl tokio::io::AsyncWrite for PlainConnection {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Connection<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write(cx, buf)
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -146,18 +160,18 @@ impl tokio::io::AsyncWrite for PlainConnection {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().tcp).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
+        self.stream.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }

@@ -23,13 +23,10 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, ServerC
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
-use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::TcpConnectInfo;
 use tracing::Instrument;
 
 /// A client has this long to complete the TLS handshake after connecting.
@@ -506,60 +503,9 @@ pub fn spawn_reload_triggers(
     }))
 }
 
-/// An established TLS connection, as tonic sees it. It reports the same connection
-/// information as a plaintext TCP connection, so `Request::remote_addr()` works alike.
-pub struct TlsConnection {
-    stream: tokio_rustls::server::TlsStream<TcpStream>,
-    info: TcpConnectInfo,
-}
-
-impl Connected for TlsConnection {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.info.clone()
-    }
-}
-
-impl AsyncRead for TlsConnection {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConnection {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
-}
+/// An established TLS connection, as tonic sees it: it reports the same connection
+/// information as a plaintext one, so `Request::remote_addr()` works alike.
+pub type TlsConnection = crate::accept::Connection<tokio_rustls::server::TlsStream<TcpStream>>;
 
 /// Why a connection did not become a TLS connection.
 enum Refused {
@@ -646,7 +592,7 @@ async fn accept_loop(
                         tracing::debug!(elapsed = ?started.elapsed(), "TLS handshake complete");
                         // Fails only when the server is stopping; the connection is
                         // then simply closed.
-                        let _ = tx.send(TlsConnection { stream, info }).await;
+                        let _ = tx.send(TlsConnection::new(stream, info, false)).await;
                     }
                     Ok(Err(Refused::Silent)) => {
                         tracing::debug!("connection closed before the TLS handshake");
