@@ -62,6 +62,37 @@ fn checkout_and_compare(
     assert_same_tree(expected, &dir);
 }
 
+/// `bst source fetch` of compose.bst's three sources from the source cache (at least two
+/// pulled), then `bst source checkout` of base.bst, compared with its tarball's tree.
+#[track_caller]
+fn fetch_sources_and_check_out(bst: &Bst, project: &Project, fetcher: &Client) {
+    let fetch = fetcher.run(bst, &["source", "fetch", "--deps", "all", "compose.bst"]);
+    fetch
+        .assert_success()
+        .assert_remotes_ok()
+        .assert_queue("Fetch", 3, 0, 0);
+    assert!(
+        fetch.count("INFO    Pulled source") >= 2,
+        "{}",
+        fetch.output
+    );
+    let sources = project.root.join("source-checkout");
+    fetcher
+        .run(
+            bst,
+            &[
+                "source",
+                "checkout",
+                "--directory",
+                sources.to_str().unwrap(),
+                "base.bst",
+            ],
+        )
+        .assert_success()
+        .assert_remotes_ok();
+    assert_same_tree(&project.pkg.tree, &sources.join("base"));
+}
+
 /// a) `bst build` pushes every artifact; a second push is a no-op; a fresh local cache
 /// pulls everything back without touching upstream, and the checkout is identical.
 #[test]
@@ -212,32 +243,7 @@ fn sources_push_then_fetch_from_source_cache() {
 
     project.hide_upstream();
     let fetcher = project.client("fetcher", &[], &[Remote::new(server.url())]);
-    let fetch = fetcher.run(&bst, &["source", "fetch", "--deps", "all", "compose.bst"]);
-    fetch
-        .assert_success()
-        .assert_remotes_ok()
-        .assert_queue("Fetch", 3, 0, 0);
-    assert!(
-        fetch.count("INFO    Pulled source") >= 2,
-        "{}",
-        fetch.output
-    );
-
-    let sources = project.root.join("source-checkout");
-    fetcher
-        .run(
-            &bst,
-            &[
-                "source",
-                "checkout",
-                "--directory",
-                sources.to_str().unwrap(),
-                "base.bst",
-            ],
-        )
-        .assert_success()
-        .assert_remotes_ok();
-    assert_same_tree(&project.pkg.tree, &sources.join("base"));
+    fetch_sources_and_check_out(&bst, &project, &fetcher);
 
     // The cached sources are complete enough to build from.
     fetcher
@@ -477,31 +483,7 @@ fn split_index_and_storage(tag: &str, index_args: &[&str]) {
     assert_no_upstream_download(&project, &puller);
 
     let fetcher = project.client("src-fetcher", &[], &remotes(false));
-    let fetch = fetcher.run(&bst, &["source", "fetch", "--deps", "all", "compose.bst"]);
-    fetch
-        .assert_success()
-        .assert_remotes_ok()
-        .assert_queue("Fetch", 3, 0, 0);
-    assert!(
-        fetch.count("INFO    Pulled source") >= 2,
-        "{}",
-        fetch.output
-    );
-    let sources = project.root.join("source-checkout");
-    fetcher
-        .run(
-            &bst,
-            &[
-                "source",
-                "checkout",
-                "--directory",
-                sources.to_str().unwrap(),
-                "base.bst",
-            ],
-        )
-        .assert_success()
-        .assert_remotes_ok();
-    assert_same_tree(&project.pkg.tree, &sources.join("base"));
+    fetch_sources_and_check_out(&bst, &project, &fetcher);
     assert_no_upstream_download(&project, &fetcher);
 }
 
